@@ -1,0 +1,94 @@
+"""Generator: a Ray actor owning one real vLLM engine.
+
+It turns a `GenerateRequest` into `Completion`s carrying token ids, the sampler's per-token
+log-probs, the finish reason and the policy version that produced them, and swaps in new weights
+between requests. The actor runs one call at a time, so a version switch can never interleave
+with a generation: no request is ever served by a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from core.messages import Completion, GenerateRequest, WeightsHandle
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: str
+    max_model_len: int
+    kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    seed: int = 0
+    dtype: str = "float32"
+
+
+def engine_env(settings: EngineSettings) -> dict[str, str]:
+    """Environment the vLLM engine must see before it is imported (set via Ray's runtime_env)."""
+    return {
+        # keep the engine core in the actor's own process: faster start, one process to supervise
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+class Generator:
+    """Plain class; `actors.pool` wraps it with `ray.remote` and names each actor by role."""
+
+    def __init__(self, name: str, settings: EngineSettings, version: int = 0):
+        for k, v in engine_env(settings).items():
+            os.environ.setdefault(k, v)
+        from vllm import LLM
+
+        t0 = time.monotonic()
+        self.name = name
+        self.version = version
+        self.llm = LLM(
+            model=settings.model_path, dtype=settings.dtype, seed=settings.seed,
+            enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len, worker_extension_cls="actors.vllm_ext.WeightReceiver",
+        )
+        self.startup_seconds = time.monotonic() - t0
+        self.generated_tokens = 0
+
+    def info(self) -> dict:
+        return {"name": self.name, "version": self.version, "startup_seconds": self.startup_seconds,
+                "generated_tokens": self.generated_tokens, "pid": os.getpid()}
+
+    def generate(self, req: GenerateRequest) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=req.n, temperature=req.temperature, max_tokens=req.max_new_tokens,
+                                logprobs=0, seed=req.seed)
+        inputs = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in req.prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        out: list[Completion] = []
+        for prompt, ro in zip(req.prompts, outputs):
+            for o in ro.outputs:
+                ids = tuple(o.token_ids)
+                # logprobs=0 returns the sampled token's log-prob at each position
+                lps = tuple(float(step[tok].logprob) for tok, step in zip(ids, o.logprobs))
+                reason = o.finish_reason if o.finish_reason in ("stop", "length") else "abort"
+                out.append(Completion(prompt=prompt, token_ids=ids, logprobs=lps, text=o.text,
+                                      finish_reason=reason, policy_version=self.version, generator=self.name))
+                self.generated_tokens += len(ids)
+        return out
+
+    def update_weights(self, handle: WeightsHandle) -> int:
+        """Load a published version in place (no engine restart); returns the new version."""
+        import ray
+
+        blob = ray.get(handle.blob_ref[0])
+        self.llm.collective_rpc("relayrl_load_weights", args=(blob, handle.checksum))
+        # vLLM's prefix cache holds KV computed with the old weights; drop it
+        self.llm.reset_prefix_cache()
+        self.version = handle.version
+        return self.version
+
+    def fingerprint(self) -> str:
+        return self.llm.collective_rpc("relayrl_fingerprint")[0]

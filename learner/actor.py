@@ -1,0 +1,282 @@
+"""The learner: holds the policy (and the frozen reference and the critic when used), turns scored
+groups into one PPO-family update, and publishes versioned weights.
+
+It only unpacks config and calls the pure functions of `learner.algos`; no RL math lives here.
+One update, in order:
+  1. collate groups into a right-padded batch (learner.batch);
+  2. no-grad pass: the learner's "old" log-probs, the reference's, the critic's values;
+  3. advantages by the configured estimator;
+  4. `epochs` x `minibatches` optimizer steps, each accumulated over micro-batches;
+  5. scalar health metrics, read once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from core.config import AlgoConfig, LearnerConfig  # plain dataclasses; no driver logic
+from core.messages import Group, TrainStats, WeightsHandle
+from core.weights import serialize_state_dict
+from learner import algos
+from learner.batch import Batch, collate
+
+
+class ValueModel(torch.nn.Module):
+    """Critic for PPO: the policy's transformer body with a scalar head, initialised from the policy."""
+
+    def __init__(self, policy):
+        super().__init__()
+        import copy
+
+        self.body = copy.deepcopy(policy.model)
+        self.head = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(h).squeeze(-1)  # (B, W)
+
+
+def _lr_lambda(cfg: LearnerConfig, total_steps: int):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+class Learner:
+    """Plain class; the driver wraps it with `ray.remote` (named `learner`)."""
+
+    def __init__(self, model_path: str, algo: AlgoConfig, cfg: LearnerConfig, total_steps: int, seed: int,
+                 pad_id: int = 0):
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(cfg.torch_threads)
+        torch.manual_seed(seed)
+        self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.algo, self.cfg, self.pad_id, self.model_path = algo, cfg, pad_id, model_path
+        self.policy = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).to(self.device)
+        self.policy.config.use_cache = False
+        self.ref = None
+        if algo.kl_coef > 0:
+            self.ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).to(self.device)
+            self.ref.eval().requires_grad_(False)
+        self.critic = ValueModel(self.policy).to(self.device) if algo.estimator == "ppo" else None
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, total_steps))
+        self.critic_opt = (torch.optim.AdamW(self.critic.parameters(), lr=algo.critic_lr)
+                           if self.critic is not None else None)
+        self.step = 0
+        self.version = 0
+        # autocast to bf16 on GPU; exact float32 on CPU (where bf16 matmuls are slower, not faster)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else torch.autocast("cpu", enabled=False))
+
+    # ------------------------------------------------------------------ forward passes
+    def _logits(self, model, b: Batch) -> torch.Tensor:
+        with self.autocast:
+            out = model(input_ids=b.input_ids.to(self.device), attention_mask=b.attention_mask.to(self.device))
+        return out.logits[:, :-1].float()
+
+    def _logp(self, model, b: Batch) -> torch.Tensor:
+        return algos.token_logprobs(self._logits(model, b), b.input_ids[:, 1:].to(self.device))
+
+    def _micro(self, b: Batch):
+        B = b.input_ids.shape[0]
+        for s in range(0, B, self.cfg.micro_batch_size):
+            yield s, b.rows(torch.arange(s, min(B, s + self.cfg.micro_batch_size)))
+
+    @torch.no_grad()
+    def _no_grad_pass(self, b: Batch) -> dict[str, torch.Tensor]:
+        """Old log-probs, reference log-probs and values over the whole batch, micro-batched."""
+        parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
+        for _, mb in self._micro(b):
+            parts["old"].append(self._logp(self.policy, mb))
+            if self.ref is not None:
+                parts["ref"].append(self._logp(self.ref, mb))
+            if self.critic is not None:
+                parts["values"].append(self.critic(mb.input_ids.to(self.device), mb.attention_mask.to(self.device))[:, :-1].float())
+        return {k: torch.cat(v) for k, v in parts.items() if v}
+
+    # ------------------------------------------------------------------ advantages
+    def _advantages(self, b: Batch, mask, pre: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns (advantages (B, T), returns (B, T) or None, per-token KL to reference (B, T))."""
+        a = self.algo
+        kl = (algos.kl_estimate(pre["old"], pre["ref"], a.kl_kind) * mask if "ref" in pre
+              else torch.zeros_like(mask))
+        kl_in_reward = a.kl_mode == "reward" and "ref" in pre
+        rewards_B = b.rewards_PG.reshape(-1).to(self.device)
+        if a.estimator == "ppo":
+            r_tok = algos.token_rewards(rewards_B, mask, kl if kl_in_reward else None, a.kl_coef if kl_in_reward else 0.0)
+            adv, ret = algos.gae(r_tok, pre["values"], mask, a.gamma, a.lam)
+            return algos.masked_whiten(adv, mask), ret, kl
+        if a.estimator == "reinforce_pp":
+            ret = algos.reinforce_pp_returns(rewards_B, kl, mask, a.kl_coef if kl_in_reward else 0.0)
+            return algos.masked_whiten(ret, mask), None, kl
+        if kl_in_reward:  # sequence-level penalty folded into the outcome reward before baselining
+            rewards_B = rewards_B - a.kl_coef * algos.masked_sum(kl, mask, dim=1)
+        rewards_PG = rewards_B.reshape(b.rewards_PG.shape)
+        adv_PG = {
+            "grpo": lambda r: algos.grpo_advantages(r, scale_by_std=True),
+            "dr_grpo": algos.dr_grpo_advantages,
+            "rloo": algos.rloo_advantages,
+            "reinforce": algos.reinforce_baseline_advantages,
+        }[a.estimator](rewards_PG)
+        adv = algos.broadcast_to_tokens(adv_PG.reshape(-1), mask)
+        if a.whiten_advantages:
+            adv = algos.masked_whiten(adv, mask)
+        return adv, None, kl
+
+    # ------------------------------------------------------------------ one update
+    def train_step(self, groups: list[Group]) -> TrainStats:
+        t0 = time.monotonic()
+        a = self.algo
+        b = collate(groups, self.pad_id)
+        mask = b.mask.to(self.device)
+        self.policy.eval()  # no dropout in these models; eval() keeps sampler and learner numerics equal
+        pre = self._no_grad_pass(b)
+        adv, ret, kl = self._advantages(b, mask, pre)
+        sampler_logp = b.sampler_logp.to(self.device)
+        if a.is_correction != "none":
+            is_w, is_metrics = algos.importance_weights(pre["old"], sampler_logp, mask, a.is_correction, a.is_cap)
+        else:
+            is_w, is_metrics = None, {}
+        norm_const = float(mask.sum(1).max().clamp(min=1))  # max completion length in the batch (Dr. GRPO)
+
+        sums: dict[str, float] = {}
+        n_updates = 0
+        B = b.input_ids.shape[0]
+        G = b.rewards_PG.shape[1]
+        gen = torch.Generator().manual_seed(self.step)
+        for _ in range(a.epochs):
+            # minibatches keep groups whole (rows are ordered group by group)
+            perm = torch.randperm(B // G, generator=gen)
+            for group_idx in perm.chunk(a.minibatches):
+                rows = (group_idx[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
+                stats = self._optimizer_step(b.rows(rows), rows, mask, pre, adv, ret, kl, is_w, norm_const)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_updates += 1
+        self.sched.step()
+        self.step += 1
+        metrics = {k: v / n_updates for k, v in sums.items()}
+        metrics.update({k: float(v) for k, v in is_metrics.items()})
+        valid = mask.bool()
+        metrics.update({
+            "reward_mean": float(b.rewards_PG.mean()),
+            "reward_std": float(b.rewards_PG.std(unbiased=False)),
+            "kl_ref": float(algos.masked_mean(kl, mask)),
+            "logprob_mismatch": float(algos.masked_mean((pre["old"] - sampler_logp).abs(), mask)),
+            "response_len": float(valid.sum(1).float().mean()),
+            "lr": self.sched.get_last_lr()[0],
+            "train_seconds": time.monotonic() - t0,
+            "samples": float(B),
+            "max_staleness": float(self.version - int(b.versions.min())),
+        })
+        return TrainStats(step=self.step, policy_version=self.version, metrics=metrics)
+
+    def _optimizer_step(self, mb_all: Batch, rows, mask, pre, adv, ret, kl, is_w, norm_const) -> dict[str, float]:
+        a = self.algo
+        self.opt.zero_grad(set_to_none=True)
+        if self.critic_opt is not None:
+            self.critic_opt.zero_grad(set_to_none=True)
+        m_rows = mask[rows]
+        total_tokens = m_rows.sum().clamp(min=1)
+        acc: dict[str, torch.Tensor] = {}
+        for s, mb in self._micro(mb_all):
+            idx = rows[s: s + mb.input_ids.shape[0]]
+            m = mask[idx]
+            # weight each micro-batch by its share of the minibatch (tokens for token-mean, rows otherwise),
+            # so accumulated gradients equal one big batch's
+            share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / len(rows))
+            logits = self._logits(self.policy, mb)
+            logp = algos.token_logprobs(logits, mb.input_ids[:, 1:].to(self.device))
+            pg, pm = algos.policy_loss(
+                logp, pre["old"][idx], adv[idx], m, clip_low=a.clip_low, clip_high=a.clip_high,
+                dual_clip=a.dual_clip or None, agg=a.loss_agg, norm_const=norm_const,
+                is_weights_BT=None if is_w is None else is_w[idx])
+            loss = pg
+            ent = algos.aggregate(algos.entropy_from_logits(logits), m, a.loss_agg, norm_const)
+            if a.entropy_coef:
+                loss = loss - a.entropy_coef * ent
+            if self.ref is not None and a.kl_mode == "loss":
+                kl_now = algos.kl_estimate(logp, pre["ref"][idx], a.kl_kind)
+                loss = loss + a.kl_coef * algos.aggregate(kl_now, m, a.loss_agg, norm_const)
+            (loss * share).backward()
+            parts = {"policy_loss": pg.detach(), "entropy": ent.detach(), **pm}
+            if self.critic is not None:
+                v = self.critic(mb.input_ids.to(self.device), mb.attention_mask.to(self.device))[:, :-1].float()
+                vl = algos.value_loss(v, pre["values"][idx], ret[idx], m, a.value_clip or None)
+                (vl * share).backward()
+                parts["value_loss"] = vl.detach()
+                parts["explained_variance"] = algos.explained_variance(pre["values"][idx], ret[idx], m)
+            for k, val in parts.items():
+                acc[k] = acc.get(k, 0.0) + val * share
+        if self.cfg.max_grad_norm > 0:
+            gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+            if self.critic is not None:
+                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.max_grad_norm)
+        else:
+            gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.policy.parameters() if p.grad is not None))
+        self.opt.step()
+        if self.critic_opt is not None:
+            self.critic_opt.step()
+        acc["grad_norm"] = gn
+        return {k: float(v) for k, v in acc.items()}  # the one host sync of this minibatch
+
+    # ------------------------------------------------------------------ weights out
+    def publish(self) -> WeightsHandle:
+        """Bump the version and put the weights into the object store once, for every generator."""
+        import ray
+
+        self.version += 1
+        blob, checksum = serialize_state_dict(self.policy.state_dict())
+        ref = ray.put(blob)
+        return WeightsHandle(version=self.version, blob_ref=[ref], num_bytes=len(blob), checksum=checksum)
+
+    def save(self, out_dir: str) -> str:
+        """Write a plain Hugging Face folder (model + tokenizer) atomically; returns its path."""
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save_pretrained(str(tmp), safe_serialization=True)
+        for f in os.listdir(self.model_path):
+            if f.startswith(("tokenizer", "special_tokens")) or f == "generation_config.json":
+                shutil.copy(os.path.join(self.model_path, f), tmp / f)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return str(out)
+
+    # ------------------------------------------------------------------ for tests and evaluation
+    @torch.no_grad()
+    def logprobs(self, groups: list[Group]) -> list[list[float]]:
+        """The learner's log-probs of each completion's tokens (same order as the groups' completions)."""
+        b = collate(groups, self.pad_id)
+        lp = self._no_grad_pass(b)["old"].cpu()
+        return [lp[i][b.mask[i].bool()].tolist() for i in range(lp.shape[0])]
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int, eos_id: int) -> list[list[int]]:
+        out = []
+        for ids in prompt_ids:
+            x = torch.tensor([ids], device=self.device)
+            y = self.policy.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                     do_sample=False, eos_token_id=eos_id, pad_token_id=self.pad_id)
+            out.append(y[0, len(ids):].tolist())
+        return out
+
+    def info(self) -> dict:
+        return {"step": self.step, "version": self.version, "device": str(self.device),
+                "params": sum(p.numel() for p in self.policy.parameters()), "algo": asdict(self.algo)}
