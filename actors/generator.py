@@ -79,8 +79,9 @@ class Generator:
                 self.generated_tokens += len(ids)
         return out
 
-    def update_weights(self, handle: WeightsHandle) -> int:
-        """Load a published version in place (no engine restart); returns the new version."""
+    def update_weights(self, handle: WeightsHandle, verify: bool = False) -> tuple[int, str | None]:
+        """Load a published version in place (no engine restart); returns (new version, fingerprint of the
+        loaded weights when `verify`, else None)."""
         import ray
 
         blob = ray.get(handle.blob_ref[0])
@@ -88,7 +89,7 @@ class Generator:
         # vLLM's prefix cache holds KV computed with the old weights; drop it
         self.llm.reset_prefix_cache()
         self.version = handle.version
-        return self.version
+        return self.version, (self.fingerprint() if verify else None)
 
     def fingerprint(self) -> str:
         return self.llm.collective_rpc("relayrl_fingerprint")[0]

@@ -1,11 +1,17 @@
 """GeneratorPool: the driver's handle on the generator actors.
 
-- starts N named actors (`generator-0`, ...), each with the current weights;
-- splits a batch of prompts across live generators, every call under a deadline;
-- when a generator dies or misses its deadline, its prompts are re-queued to the others, it is
-  replaced by a fresh actor that loads the current weights before serving, and the restart is
-  counted;
-- pushes a published version to every generator and checks they all report it.
+- starts named actors (`generator-0`, ...) in the background; a new generator loads the current
+  weights before it is given any work;
+- hands each request to the serving generator with the least outstanding work;
+- a generator that dies or misses its deadline is killed and replaced (counted); the caller gets
+  its prompts back to re-queue;
+- grows or shrinks to a target size while a job runs: a removed generator first finishes the
+  requests it already holds (draining), then stops;
+- pushes a published version to every generator, blocking (sync mode) or in the background
+  (async mode), each transfer under a deadline.
+
+Version switches never interleave with generation: each actor runs one call at a time and Ray
+runs one caller's calls in submission order, so `update_weights` lands between two requests.
 """
 
 from __future__ import annotations
@@ -29,112 +35,261 @@ class PoolStats:
     restarts: int = 0
     requeued_prompts: int = 0
     failures: list[str] = field(default_factory=list)
+    scale_events: list[str] = field(default_factory=list)
+    syncs_verified: int = 0
+
+
+@dataclass
+class _Starting:
+    actor: ray.actor.ActorHandle
+    ready_ref: ray.ObjectRef
+    since: float
+
+
+@dataclass
+class _PendingSync:
+    handle: WeightsHandle
+    refs: dict[str, ray.ObjectRef]
+    deadline: float
+    started: float
 
 
 class GeneratorPool:
     def __init__(self, settings: EngineSettings, num_cpus: float, num_gpus: float, startup_timeout_s: float,
-                 call_timeout_s: float, sync_timeout_s: float, log=print, max_restarts: int = 8):
+                 call_timeout_s: float, sync_timeout_s: float, log=print, max_restarts: int = 8,
+                 verify_sync: bool = False):
         self.settings = settings
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.startup_timeout_s, self.call_timeout_s, self.sync_timeout_s = startup_timeout_s, call_timeout_s, sync_timeout_s
         self.log = log
         self.max_restarts = max_restarts
-        self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self.verify_sync = verify_sync
+        self.actors: dict[str, ray.actor.ActorHandle] = {}  # serving
+        self.starting: dict[str, _Starting] = {}
+        self.draining: set[str] = set()
+        self.load: dict[str, int] = {}  # outstanding generate calls per serving generator
         self.handle: WeightsHandle | None = None  # latest published version, loaded by new generators
+        self.pending_sync: _PendingSync | None = None
+        self.last_sync_s = 0.0
         self.stats = PoolStats()
+        self.target = 0
         self._next_index = 0
 
     # ------------------------------------------------------------------ lifecycle
-    def _spawn(self) -> tuple[str, ray.actor.ActorHandle]:
+    def _spawn(self) -> None:
         name = f"generator-{self._next_index}"
         self._next_index += 1
         cls = ray.remote(Generator).options(
             name=name, num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0, max_concurrency=1,
             runtime_env={"env_vars": engine_env(self.settings)})
-        return name, cls.remote(name, self.settings)
+        actor = cls.remote(name, self.settings)
+        self.starting[name] = _Starting(actor, actor.info.remote(), time.monotonic())
 
     def start(self, n: int) -> None:
-        """Start n generators in parallel and wait until each is up and on the current version."""
-        fresh = dict(self._spawn() for _ in range(n))
-        self._wait_ready(fresh)
-        self.actors.update(fresh)
+        """Start n generators and wait until each is up and on the current version."""
+        self.target += n
+        for _ in range(n):
+            self._spawn()
+        deadline = time.monotonic() + self.startup_timeout_s + 5
+        while self.starting:
+            self.poll()
+            if time.monotonic() > deadline:
+                raise GenerationFailed(f"generators {sorted(self.starting)} did not start within "
+                                       f"timeouts.startup_s={self.startup_timeout_s}s")
+            time.sleep(0.05)
 
-    def _wait_ready(self, fresh: dict) -> None:
-        try:
-            ray.get([a.info.remote() for a in fresh.values()], timeout=self.startup_timeout_s)
-            if self.handle is not None:
-                ray.get([a.update_weights.remote(self.handle) for a in fresh.values()], timeout=self.sync_timeout_s)
-        except GetTimeoutError:
-            for a in fresh.values():
-                ray.kill(a)
-            raise GenerationFailed(
-                f"generators {sorted(fresh)} did not start within timeouts.startup_s={self.startup_timeout_s}s") from None
+    def poll(self) -> None:
+        """Admit generators that finished starting (after queueing the current weights), retire drained
+        ones, and fail those past their start-up deadline. Cheap; call it often."""
+        if self.starting:
+            ready, _ = ray.wait([s.ready_ref for s in self.starting.values()], num_returns=len(self.starting), timeout=0)
+            ready = set(ready)
+            for name, s in list(self.starting.items()):
+                if s.ready_ref in ready:
+                    del self.starting[name]
+                    try:
+                        ray.get(s.ready_ref)
+                    except RayActorError as e:
+                        self._failed(name, s.actor, f"died while starting: {e}")
+                        continue
+                    if self.handle is not None:  # queued before any request, so it serves this version first
+                        s.actor.update_weights.remote(self.handle)
+                    self.actors[name], self.load[name] = s.actor, 0
+                    self.log(f"[pool] {name} serving (version {self.version})")
+                elif time.monotonic() - s.since > self.startup_timeout_s:
+                    del self.starting[name]
+                    self._failed(name, s.actor, f"no start within timeouts.startup_s={self.startup_timeout_s}s")
+        for name in [n for n in self.draining if self.load.get(n, 0) == 0]:
+            self.draining.discard(name)
+            self._stop(name)
+            self.stats.scale_events.append(f"removed {name}")
+            self.log(f"[pool] {name} drained and stopped")
 
     def scale(self, n: int) -> None:
-        """Grow or shrink to n generators (a removed generator has no call in flight between steps)."""
-        while len(self.actors) > n:
-            name = sorted(self.actors, key=lambda s: int(s.rsplit("-", 1)[1]))[-1]
-            ray.kill(self.actors.pop(name))
-        if len(self.actors) < n:
-            self.start(n - len(self.actors))
+        """Set the number of generators: new ones start in the background; removed ones (newest first)
+        take no more work and stop once their outstanding requests are done."""
+        if n < 1:
+            raise ValueError(f"generators: need at least 1, got {n}")
+        self.target = n
+        active = [a for a in self.actors if a not in self.draining] + list(self.starting)
+        for name in sorted(active, key=lambda s: int(s.rsplit("-", 1)[1]))[n:]:
+            if name in self.starting:
+                ray.kill(self.starting.pop(name).actor)
+            else:
+                self.draining.add(name)
+        for _ in range(n - len(active)):
+            self._spawn()
+        self.stats.scale_events.append(f"target {n}")
+        self.log(f"[pool] scaling to {n} generators")
 
-    def shutdown(self) -> None:
-        for a in self.actors.values():
-            ray.kill(a)
-        self.actors.clear()
-
-    def _replace(self, name: str, reason: str) -> None:
-        self.stats.failures.append(f"{name}: {reason}")
+    def _stop(self, name: str) -> None:
         actor = self.actors.pop(name, None)
+        self.load.pop(name, None)
         if actor is not None:
             ray.kill(actor)
+
+    def shutdown(self) -> None:
+        for name in list(self.actors):
+            self._stop(name)
+        for s in self.starting.values():
+            ray.kill(s.actor)
+        self.starting.clear()
+
+    def _failed(self, name: str, actor, reason: str) -> None:
+        """Kill a failed generator and start a replacement (unless it was being removed anyway)."""
+        self.stats.failures.append(f"{name}: {reason}")
+        ray.kill(actor)
+        if name in self.draining:
+            self.draining.discard(name)
+            return
         if self.stats.restarts >= self.max_restarts:
-            raise GenerationFailed(f"generators failed {self.stats.restarts} times; last: {name}: {reason}")
+            raise GenerationFailed(f"generators failed {self.stats.restarts + 1} times; last: {name}: {reason}")
         self.stats.restarts += 1
         self.log(f"[pool] {name} failed ({reason}); starting a replacement")
-        self.start(1)
+        self._spawn()
+
+    def replace(self, name: str, reason: str) -> None:
+        """Report a serving generator as failed (idempotent: a name already gone is ignored)."""
+        actor = self.actors.pop(name, None)
+        self.load.pop(name, None)
+        if actor is not None:
+            self._failed(name, actor, reason)
 
     # ------------------------------------------------------------------ work
+    @property
+    def version(self) -> int:
+        return self.handle.version if self.handle else 0
+
+    def submit(self, req: GenerateRequest, max_load: int = 1 << 30) -> tuple[str, ray.ObjectRef] | None:
+        """Send a request to the least-loaded serving generator; None when none is serving or all of them
+        already hold max_load requests (backpressure)."""
+        names = [n for n in self.actors if n not in self.draining and self.load[n] < max_load]
+        if not names:
+            return None
+        name = min(names, key=lambda n: (self.load[n], n))
+        self.load[name] += 1
+        return name, self.actors[name].generate.remote(req)
+
+    def done(self, name: str) -> None:
+        if name in self.load:
+            self.load[name] -= 1
+
+    def wait_serving(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not [n for n in self.actors if n not in self.draining]:
+            self.poll()
+            if time.monotonic() > deadline:
+                raise GenerationFailed(f"no generator serving within {timeout_s:.0f}s")
+            time.sleep(0.05)
+
     def generate(self, prompts: list[Prompt], n: int, temperature: float, max_new_tokens: int,
                  seed: int | None) -> list[Completion]:
-        """Completions for every prompt (n each), in prompt order, whatever generators fail on the way."""
+        """Blocking: completions for every prompt (n each), in prompt order, whatever generators fail on
+        the way (their prompts go to the others or to replacements)."""
         pending = list(prompts)
         results: dict[int, list[Completion]] = {}
         while pending:
-            names = sorted(self.actors)
-            chunks = [pending[i::len(names)] for i in range(len(names))]
-            calls = {}
-            for name, chunk in zip(names, chunks):
+            self.wait_serving(self.startup_timeout_s)
+            names = sorted(n for n in self.actors if n not in self.draining)
+            calls = []
+            for i, name in enumerate(names):
+                chunk = pending[i::len(names)]
                 if chunk:
                     req = GenerateRequest(tuple(chunk), n, temperature, max_new_tokens,
                                           None if seed is None else seed + chunk[0].uid)
-                    calls[name] = (self.actors[name].generate.remote(req), chunk)
+                    self.load[name] += 1
+                    calls.append((name, self.actors[name].generate.remote(req), chunk))
             pending = []
             deadline = time.monotonic() + self.call_timeout_s
-            for name, (ref, chunk) in calls.items():
+            for name, ref, chunk in calls:
                 try:
                     for c in ray.get(ref, timeout=max(0.0, deadline - time.monotonic())):
                         results.setdefault(c.prompt.uid, []).append(c)
                 except (RayActorError, GetTimeoutError) as e:
-                    reason = "timeout" if isinstance(e, GetTimeoutError) else "died"
                     self.stats.requeued_prompts += len(chunk)
                     pending.extend(chunk)
-                    self._replace(name, reason)
+                    self.replace(name, "timeout" if isinstance(e, GetTimeoutError) else f"died: {e}")
+                finally:
+                    self.done(name)
+            self.poll()
         return [c for p in prompts for c in results[p.uid]]
 
+    # ------------------------------------------------------------------ weights
     def sync(self, handle: WeightsHandle) -> float:
-        """Push a version to every generator; returns seconds taken. Raises on timeout."""
-        t0 = time.monotonic()
+        """Blocking: push a version to every serving generator; returns seconds taken."""
+        self.start_sync(handle)
+        self.finish_sync()
+        return self.last_sync_s
+
+    def finish_sync(self) -> None:
+        """Block until the pending sync (if any) is confirmed or its generators replaced."""
+        while self.pending_sync is not None:
+            self.poll_sync(block_s=0.5)
+
+    def start_sync(self, handle: WeightsHandle) -> None:
+        """Queue a version on every serving generator; it lands after each one's current request.
+        A still-pending older sync is superseded (the newer version is queued behind it)."""
         self.handle = handle
-        refs = {name: a.update_weights.remote(handle) for name, a in self.actors.items()}
-        try:
-            versions = ray.get(list(refs.values()), timeout=self.sync_timeout_s)
-        except GetTimeoutError:
-            raise GenerationFailed(
-                f"weight sync to version {handle.version} did not finish within timeouts.sync_s={self.sync_timeout_s}s") from None
-        if set(versions) != {handle.version}:
+        refs = {name: a.update_weights.remote(handle, self.verify_sync) for name, a in self.actors.items()}
+        now = time.monotonic()
+        self.pending_sync = _PendingSync(handle, refs, now + self.sync_timeout_s, now)
+
+    def poll_sync(self, block_s: float = 0.0) -> bool:
+        """Check the pending sync; True when it completed now. A generator that does not confirm within
+        timeouts.sync_s is replaced (its replacement loads the version before serving)."""
+        ps = self.pending_sync
+        if ps is None:
+            return False
+        live = {n: r for n, r in ps.refs.items() if n in self.actors}
+        ready, _ = ray.wait(list(live.values()), num_returns=len(live), timeout=block_s) if live else ([], [])
+        if len(ready) < len(live) and time.monotonic() < ps.deadline:
+            return False
+        results = {}
+        for name, ref in live.items():
+            try:
+                if ref not in ready:
+                    raise GetTimeoutError()
+                results[name] = ray.get(ref)
+            except (RayActorError, GetTimeoutError) as e:
+                detail = (f"weight sync to version {ps.handle.version} not confirmed within "
+                          f"timeouts.sync_s={self.sync_timeout_s}s" if isinstance(e, GetTimeoutError) else f"died: {e}")
+                self.replace(name, detail)
+        self.pending_sync = None
+        self.last_sync_s = time.monotonic() - ps.started
+        self._check_synced(ps.handle, results)
+        return True
+
+    def _check_synced(self, handle: WeightsHandle, results: dict[str, tuple[int, str | None]]) -> None:
+        """Every confirming generator must now serve exactly this version (and, when verifying, hold
+        bit-identical weights). A newer version may already be queued behind it: that is fine."""
+        versions = {n: v for n, (v, _) in results.items()}
+        if any(v != handle.version for v in versions.values()):
             raise GenerationFailed(f"after sync generators report versions {versions}, expected {handle.version}")
-        return time.monotonic() - t0
+        if self.verify_sync and results:
+            fps = {fp for _, fp in results.values()}
+            if len(fps) != 1:
+                raise GenerationFailed(f"after sync to version {handle.version} generators hold different weights")
+            self.stats.syncs_verified += 1
 
     def versions(self) -> dict[str, int]:
         infos = ray.get([a.info.remote() for a in self.actors.values()], timeout=self.call_timeout_s)

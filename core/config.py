@@ -47,6 +47,56 @@ def import_path(v: Any) -> str | None:
     return None if isinstance(v, str) and v.count(":") == 1 else f"must look like 'module:function', got {v!r}"
 
 
+def parse_components(spec: str) -> list[tuple[str, float]]:
+    """'reward.builtin:exact_match=1.0, reward.builtin:LengthPenalty=0.1' -> [(path, weight), ...].
+
+    Empty string -> []. Raises ValueError saying which term is wrong. Component names (the part
+    after ':') must be unique: they name the logged metrics.
+    """
+    if not spec.strip():
+        return []
+    terms: list[tuple[str, float]] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        path, eq, weight = item.rpartition("=")
+        path = path.strip()
+        module, _, attr = path.partition(":")
+        if not eq or path.count(":") != 1 or not module or not attr:
+            raise ValueError(f"term {item!r} must look like 'module:function=weight'")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"term {item!r}: weight {weight.strip()!r} is not a number") from None
+        if w != w or w in (float("inf"), float("-inf")):
+            raise ValueError(f"term {item!r}: weight must be finite")
+        if any(p.partition(":")[2] == attr for p, _ in terms):
+            raise ValueError(f"component name {attr!r} appears twice (names come from the part after ':')")
+        terms.append((path, w))
+    return terms
+
+
+def _components_check(v: Any) -> str | None:
+    try:
+        parse_components(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _url_check(v: Any) -> str | None:
+    return None if v == "" or v.startswith(("http://", "https://")) else f"must start with http:// or https://, got {v!r}"
+
+
+def _regex_check(v: Any) -> str | None:
+    import re
+
+    try:
+        re.compile(v)
+    except re.error as e:
+        return f"is not a valid regular expression ({e}): {v!r}"
+    return None
+
+
 @dataclass
 class TaskConfig:
     """The built-in task family (used when no dataset is given): reverse a word over a small alphabet."""
@@ -88,12 +138,53 @@ class GeneratorConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """How samples flow from generators to the learner."""
+
+    mode: Literal["sync", "async"] = _f(
+        "sync", "sync: each step's samples come from the current policy; async: generators keep producing "
+        "while the learner trains, samples lag by at most max_staleness versions.")
+    max_staleness: int = _f(1, "async: most policy versions a sample may lag the learner; older ones are dropped "
+                               "and counted.", non_negative)
+    prompts_per_request: int = _f(4, "Prompts per generate call (smaller = finer load balancing and streaming).",
+                                  positive)
+    max_inflight_per_generator: int = _f(2, "Outstanding generate calls per generator (2 = no idle gap between "
+                                            "calls).", positive)
+    verify_sync: bool = _f(False, "After every weight sync, check all generators hold bit-identical weights "
+                                  "(costs one hash of the weights per generator).")
+    max_generator_restarts: int = _f(8, "Generator failures tolerated per job before it stops.", non_negative)
+
+
+@dataclass
 class RewardConfig:
     """Reward actors scoring completions."""
 
-    function: str = _f("reward.builtin:reverse_partial", "Reward function as 'module:function'.", import_path)
+    function: str = _f("reward.builtin:reverse_partial",
+                       "Reward as 'module:function' (fn(prompts, completions, answers) -> list[float] or "
+                       "{'total': [...], '<part>': [...]}), or 'module:Class' built once per reward actor "
+                       "(Class.from_config(reward_config) when it has one). See docs/rewards.md.", import_path)
     num_workers: int = _f(1, "Reward actors (independent of generators).", positive)
     num_cpus: float = _f(0.25, "Ray CPUs reserved per reward actor.", positive)
+    components: str = _f("", "With reward.function=reward.builtin:Combined: weighted terms "
+                             "'module:function=weight,...' summed into the reward; each is logged as reward/<function>.",
+                         _components_check)
+    on_failure: Literal["drop", "penalty"] = _f(
+        "drop", "A sample the reward source could not score (exception, timeout, NaN, ...): drop it (its group "
+                "is not trained on) or train on it with reward.failure_penalty. Failures are counted either way.")
+    failure_penalty: float = _f(0.0, "Reward of a failed sample when on_failure=penalty (use your reward's worst value).")
+    max_failure_fraction: float = _f(0.5, "Stop the job when more than this fraction of one scored batch failed "
+                                          "(0 = any failure stops it, 1 = never).", unit_interval)
+    url: str = _f("", "reward.http:HttpScorer: the scoring server's endpoint, e.g. http://127.0.0.1:8000/score.", _url_check)
+    http_timeout_s: float = _f(10.0, "reward.http:HttpScorer: deadline of one HTTP request.", positive)
+    http_retries: int = _f(2, "reward.http:HttpScorer: retries of a request that failed transiently "
+                              "(connection error, timeout, 429, 5xx), with exponential backoff.", non_negative)
+    http_batch_size: int = _f(64, "reward.http:HttpScorer: completions per request.", positive)
+    model_path: str = _f("", "reward.model:RewardModel: local Hugging Face sequence-classification folder (num_labels=1).")
+    model_batch_size: int = _f(8, "reward.model:RewardModel: sequences per forward pass.", positive)
+    format_pattern: str = _f("", "reward.builtin:RegexMatch: regular expression the whole completion must match (1.0) or not (0.0).",
+                             _regex_check)
+    length_soft_max: int = _f(0, "reward.builtin:LengthPenalty: completions up to this many characters get 0 ...", non_negative)
+    length_max: int = _f(0, "... falling linearly to -1 at this many characters and beyond (DAPO overlong penalty).", non_negative)
 
 
 @dataclass
@@ -112,6 +203,8 @@ class AlgoConfig:
     whiten_advantages: bool = _f(False, "Whiten advantages over the batch.")
     kl_coef: float = _f(0.0, "KL-to-reference coefficient (0 = no reference model).", non_negative)
     kl_kind: Literal["k1", "k2", "k3"] = _f("k3", "KL estimator.")
+    kl_target: float = _f(0.0, "Adaptive KL: target KL to reference per token; 0 = keep kl_coef fixed.", non_negative)
+    kl_horizon: int = _f(10000, "Adaptive KL horizon (samples): how fast the coefficient tracks kl_target.", positive)
     kl_mode: Literal["loss", "reward"] = _f("loss", "Apply KL as a loss term or as a per-token reward penalty.")
     entropy_coef: float = _f(0.0, "Entropy bonus coefficient.", non_negative)
     epochs: int = _f(1, "Passes over each batch.", positive)
@@ -165,6 +258,7 @@ class Config:
     task: TaskConfig = _sub(TaskConfig)
     model: ModelConfig = _sub(ModelConfig)
     generator: GeneratorConfig = _sub(GeneratorConfig)
+    rollout: RolloutConfig = _sub(RolloutConfig)
     reward: RewardConfig = _sub(RewardConfig)
     algo: AlgoConfig = _sub(AlgoConfig)
     learner: LearnerConfig = _sub(LearnerConfig)
@@ -257,6 +351,34 @@ def iter_fields(cfg: Any, prefix: str = ""):
             yield prefix + f.name, f, value, cfg
 
 
+_COMBINED, _HTTP, _MODEL = "reward.builtin:Combined", "reward.http:HttpScorer", "reward.model:RewardModel"
+_REGEX, _LENGTH = "reward.builtin:RegexMatch", "reward.builtin:LengthPenalty"
+
+
+def check_reward(r: RewardConfig, reward_timeout_s: float) -> None:
+    """Cross-field rules of the reward section: `components` goes with `Combined`, and a built-in
+    scorer's settings are present when it is used, as `reward.function` or as a term of `components`."""
+    used = {r.function} | {p for p, _ in parse_components(r.components)}
+    if r.components.strip() and r.function != _COMBINED:
+        raise ConfigError(f"reward.components: only read when reward.function={_COMBINED} (got {r.function}); "
+                          f"set --reward.function={_COMBINED} or leave reward.components empty")
+    if r.function == _COMBINED and not r.components.strip():
+        raise ConfigError(f"reward.components: {_COMBINED} needs at least one 'module:function=weight' term")
+    if _HTTP in used and not r.url:
+        raise ConfigError(f"reward.url: required by {_HTTP} (e.g. http://127.0.0.1:8000/score)")
+    if _HTTP in used and r.http_timeout_s * (r.http_retries + 1) >= reward_timeout_s:
+        raise ConfigError(
+            f"reward.http_timeout_s: {r.http_timeout_s}s x (1 + reward.http_retries={r.http_retries}) must stay below "
+            f"timeouts.reward_s={reward_timeout_s}s, or the reward actor is killed before the client gives up")
+    if _MODEL in used and not r.model_path:
+        raise ConfigError(f"reward.model_path: required by {_MODEL}")
+    if _REGEX in used and not r.format_pattern:
+        raise ConfigError(f"reward.format_pattern: required by {_REGEX}")
+    if _LENGTH in used and not 0 < r.length_soft_max < r.length_max:
+        raise ConfigError(f"reward.length_max: {_LENGTH} needs 0 < reward.length_soft_max < reward.length_max, "
+                          f"got {r.length_soft_max} and {r.length_max}")
+
+
 def validate(cfg: Config) -> Config:
     """Check every field and the cross-field rules; raise ConfigError naming the first bad field."""
     for name, f, value, owner in iter_fields(cfg):
@@ -267,6 +389,7 @@ def validate(cfg: Config) -> Config:
             err = check(value)
             if err:
                 raise ConfigError(f"{name}: {err}")
+    check_reward(cfg.reward, cfg.timeouts.reward_s)
     if cfg.model.path == "" and (cfg.model.hidden_size % cfg.model.num_heads
                                  or cfg.model.hidden_size // cfg.model.num_heads not in (32, 64)):
         raise ConfigError(
@@ -276,6 +399,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algo.minibatches: must be <= prompts_per_step ({cfg.prompts_per_step}), got {cfg.algo.minibatches}")
     if cfg.algo.estimator in ("grpo", "dr_grpo", "rloo") and cfg.algo.group_size < 2:
         raise ConfigError(f"algo.group_size: {cfg.algo.estimator} needs at least 2 samples per prompt, got {cfg.algo.group_size}")
+    if cfg.algo.kl_target > 0 and cfg.algo.kl_coef == 0:
+        raise ConfigError("algo.kl_target: adaptive KL needs a starting algo.kl_coef > 0 (0 disables the reference model)")
     return cfg
 
 

@@ -80,6 +80,7 @@ class Learner:
                            if self.critic is not None else None)
         self.step = 0
         self.version = 0
+        self.kl_coef = algo.kl_coef  # moves each update when algo.kl_target > 0 (adaptive controller)
         # autocast to bf16 on GPU; exact float32 on CPU (where bf16 matmuls are slower, not faster)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
@@ -119,14 +120,14 @@ class Learner:
         kl_in_reward = a.kl_mode == "reward" and "ref" in pre
         rewards_B = b.rewards_PG.reshape(-1).to(self.device)
         if a.estimator == "ppo":
-            r_tok = algos.token_rewards(rewards_B, mask, kl if kl_in_reward else None, a.kl_coef if kl_in_reward else 0.0)
+            r_tok = algos.token_rewards(rewards_B, mask, kl if kl_in_reward else None, self.kl_coef if kl_in_reward else 0.0)
             adv, ret = algos.gae(r_tok, pre["values"], mask, a.gamma, a.lam)
             return algos.masked_whiten(adv, mask), ret, kl
         if a.estimator == "reinforce_pp":
-            ret = algos.reinforce_pp_returns(rewards_B, kl, mask, a.kl_coef if kl_in_reward else 0.0)
+            ret = algos.reinforce_pp_returns(rewards_B, kl, mask, self.kl_coef if kl_in_reward else 0.0)
             return algos.masked_whiten(ret, mask), None, kl
         if kl_in_reward:  # sequence-level penalty folded into the outcome reward before baselining
-            rewards_B = rewards_B - a.kl_coef * algos.masked_sum(kl, mask, dim=1)
+            rewards_B = rewards_B - self.kl_coef * algos.masked_sum(kl, mask, dim=1)
         rewards_PG = rewards_B.reshape(b.rewards_PG.shape)
         adv_PG = {
             "grpo": lambda r: algos.grpo_advantages(r, scale_by_std=True),
@@ -171,13 +172,17 @@ class Learner:
                 n_updates += 1
         self.sched.step()
         self.step += 1
+        kl_ref = float(algos.masked_mean(kl, mask))
         metrics = {k: v / n_updates for k, v in sums.items()}
+        metrics["kl_coef"] = self.kl_coef
+        if a.kl_target > 0:
+            self.kl_coef = algos.adaptive_kl_coef(self.kl_coef, kl_ref, a.kl_target, a.kl_horizon, B)
         metrics.update({k: float(v) for k, v in is_metrics.items()})
         valid = mask.bool()
         metrics.update({
             "reward_mean": float(b.rewards_PG.mean()),
             "reward_std": float(b.rewards_PG.std(unbiased=False)),
-            "kl_ref": float(algos.masked_mean(kl, mask)),
+            "kl_ref": kl_ref,
             "logprob_mismatch": float(algos.masked_mean((pre["old"] - sampler_logp).abs(), mask)),
             "response_len": float(valid.sum(1).float().mean()),
             "lr": self.sched.get_last_lr()[0],
@@ -213,7 +218,7 @@ class Learner:
                 loss = loss - a.entropy_coef * ent
             if self.ref is not None and a.kl_mode == "loss":
                 kl_now = algos.kl_estimate(logp, pre["ref"][idx], a.kl_kind)
-                loss = loss + a.kl_coef * algos.aggregate(kl_now, m, a.loss_agg, norm_const)
+                loss = loss + self.kl_coef * algos.aggregate(kl_now, m, a.loss_agg, norm_const)
             (loss * share).backward()
             parts = {"policy_loss": pg.detach(), "entropy": ent.detach(), **pm}
             if self.critic is not None:

@@ -29,7 +29,7 @@ __all__ = [
     "reinforce_baseline_advantages", "reinforce_pp_returns", "broadcast_to_tokens",
     "token_rewards", "gae", "value_loss", "explained_variance",
     "kl_estimate", "aggregate", "policy_loss", "entropy_from_logits",
-    "importance_weights", "token_logprobs",
+    "importance_weights", "token_logprobs", "adaptive_kl_coef",
 ]
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -397,3 +397,17 @@ def token_logprobs(logits_BTV: Tensor, tokens_BT: Tensor) -> Tensor:
     """
     picked = logits_BTV.gather(-1, tokens_BT.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits_BTV, dim=-1)
+
+
+def adaptive_kl_coef(coef: float, observed_kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """One update of the adaptive KL controller (Ziegler et al. 2019, as in OpenRLHF / TRL / verl).
+
+    Python floats in and out (the learner calls it once per update with the measured KL to reference).
+    # e    = clip(observed_kl / target - 1, -0.2, 0.2)      (proportional error, bounded)
+    # coef = coef * (1 + e * n_steps / horizon)
+    A KL above target raises the coefficient, below target lowers it; never below 0.
+    """
+    if target <= 0 or horizon <= 0:
+        raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
+    err = min(max(observed_kl / target - 1.0, -0.2), 0.2)
+    return max(coef * (1.0 + err * n_steps / horizon), 0.0)

@@ -514,3 +514,22 @@ def test_importance_weights_all_masked():
     close(w, [[0.0, 0.0]])
     for v in met.values():
         close(v, 0.0)
+
+
+# --------------------------------------------------------------------------- adaptive KL controller
+
+def test_adaptive_kl_coef_by_hand():
+    # KL 0.15 against target 0.1: error = 0.5, clipped to 0.2; 64 samples over horizon 640:
+    # coef = 0.05 * (1 + 0.2 * 64 / 640) = 0.05 * 1.02 = 0.051
+    assert A.adaptive_kl_coef(0.05, 0.15, 0.1, 640, 64) == pytest.approx(0.051, rel=1e-12)
+    # KL 0.09 against 0.1: error = -0.1 (inside the clip); coef = 0.05 * (1 - 0.1 * 0.1) = 0.0495
+    assert A.adaptive_kl_coef(0.05, 0.09, 0.1, 640, 64) == pytest.approx(0.0495, rel=1e-12)
+    # on target: unchanged
+    assert A.adaptive_kl_coef(0.05, 0.1, 0.1, 640, 64) == pytest.approx(0.05, rel=1e-12)
+    # KL 0 (error -1, clipped to -0.2) with n_steps 10x the horizon: 1 - 2 < 0, floored at 0
+    assert A.adaptive_kl_coef(0.05, 0.0, 0.1, 10, 100) == 0.0
+
+
+def test_adaptive_kl_coef_rejects_bad_target():
+    with pytest.raises(ValueError):
+        A.adaptive_kl_coef(0.05, 0.1, 0.0, 640, 64)

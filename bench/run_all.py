@@ -1,0 +1,17 @@
+"""`make bench`: every benchmark, one after the other (each writes bench/results/<name>.{json,md})."""
+
+from __future__ import annotations
+
+from bench import algos, async_sync, weight_sync
+
+
+def main() -> int:
+    for bench in (weight_sync, async_sync, algos):
+        rc = bench.main([])
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

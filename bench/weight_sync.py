@@ -1,0 +1,134 @@
+"""Weight-sync latency against model size and number of generators, beside the floor.
+
+    python -m bench.weight_sync                      # sizes tiny/small/medium, 1 and 2 generators
+    python -m bench.weight_sync --sizes tiny --repeats 5
+
+For each model size (Llama shapes built locally, random weights) it measures:
+- floor: one in-process `reload_weights` of the same safetensors blob in a vLLM engine living in
+  this process (deserialise + checksum + vLLM's reload), i.e. what any sync must pay at least;
+- relayrl: `learner-side serialise + ray.put` plus `GeneratorPool.sync` to N generator actors
+  (object-store transfer + checksum + reload on each, in parallel, confirmed by every generator).
+Median of `--repeats` syncs after one warm-up sync (excluded for both). Writes bench/results/weight_sync.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+from bench.common import median, table, write_results
+
+# name -> (hidden, layers, heads, intermediate)
+SIZES = {"tiny": (128, 4, 4, 256), "small": (256, 6, 4, 1024), "medium": (512, 8, 8, 1536)}
+
+
+def _build(size: str, out: str) -> int:
+    from cluster.world import build_model, build_tokenizer
+    from core.config import ModelConfig
+
+    h, layers, heads, inter = SIZES[size]
+    build_tokenizer(out)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(out))
+    model = build_model(ModelConfig(hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=inter),
+                        vocab, 128, seed=0)
+    model.save_pretrained(out, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _floor(path: str, blob: bytes, checksum: str, repeats: int) -> float:
+    """In-process reload of the same blob (no Ray): the least a sync can cost."""
+    from actors.generator import EngineSettings, engine_env
+
+    settings = EngineSettings(model_path=path, max_model_len=128)
+    for k, v in engine_env(settings).items():
+        os.environ.setdefault(k, v)
+    from vllm import LLM
+
+    llm = LLM(model=path, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=128,
+              worker_extension_cls="actors.vllm_ext.WeightReceiver")
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        llm.collective_rpc("relayrl_load_weights", args=(blob, checksum))
+        llm.reset_prefix_cache()
+        if i:  # the first one is warm-up
+            times.append(time.perf_counter() - t0)
+    del llm
+    return median(times)
+
+
+def _relayrl(path: str, state_dict, n_generators: int, repeats: int) -> tuple[float, float]:
+    """(median publish seconds: serialise + ray.put, median pool.sync seconds)."""
+    import ray
+
+    from actors.generator import EngineSettings
+    from actors.pool import GeneratorPool
+    from core.messages import WeightsHandle
+    from core.weights import serialize_state_dict
+
+    pool = GeneratorPool(EngineSettings(model_path=path, max_model_len=128), num_cpus=1, num_gpus=0,
+                         startup_timeout_s=600, call_timeout_s=300, sync_timeout_s=300, log=lambda *_: None)
+    try:
+        pool.start(n_generators)
+        pub, syn = [], []
+        for v in range(1, repeats + 2):
+            t0 = time.perf_counter()
+            blob, checksum = serialize_state_dict(state_dict)
+            handle = WeightsHandle(version=v, blob_ref=[ray.put(blob)], num_bytes=len(blob), checksum=checksum)
+            t1 = time.perf_counter()
+            s = pool.sync(handle)
+            if v > 1:
+                pub.append(t1 - t0)
+                syn.append(s)
+        return median(pub), median(syn)
+    finally:
+        pool.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--generators", nargs="*", type=int, default=[1, 2])
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+
+    import ray
+    import torch
+
+    from core.weights import serialize_state_dict
+
+    ray.init(num_cpus=max(4, max(args.generators) + 1), include_dashboard=False, log_to_driver=False,
+             object_store_memory=512 * 2**20)
+    rows = []
+    try:
+        for size in args.sizes:
+            with tempfile.TemporaryDirectory() as path:
+                params = _build(size, path)
+                from transformers import AutoModelForCausalLM
+
+                sd = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).state_dict()
+                blob, checksum = serialize_state_dict(sd)
+                floor = _floor(path, blob, checksum, args.repeats)
+                for n in args.generators:
+                    pub, syn = _relayrl(path, sd, n, args.repeats)
+                    rows.append({"size": size, "params_m": params / 1e6, "mib": len(blob) / 2**20, "generators": n,
+                                 "floor_s": floor, "publish_s": pub, "sync_s": syn, "total_s": pub + syn,
+                                 "ratio": (pub + syn) / floor})
+                    print(rows[-1], flush=True)
+    finally:
+        ray.shutdown()
+    md = table(rows, [("size", "model", ""), ("params_m", "params (M)", ".2f"), ("mib", "MiB", ".1f"),
+                      ("generators", "generators", "d"), ("floor_s", "floor: in-process reload s", ".3f"),
+                      ("publish_s", "serialise+put s", ".3f"), ("sync_s", "pool.sync s", ".3f"),
+                      ("ratio", "total / floor", ".2f")])
+    print(md)
+    print(f"results: {write_results('weight_sync', {'repeats': args.repeats, 'rows': rows}, md)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The job's control channel: a small named actor through which `relayrl scale` and `relayrl status`
+talk to a running job from another process.
+
+The driver owns it (it dies with the job), publishes a status snapshot into it every step, and
+polls it for scale requests between its own calls, so a request never races a step in flight.
+"""
+
+from __future__ import annotations
+
+NAMESPACE = "relayrl"
+CONTROL_NAME = "relayrl-control"
+
+
+class Control:
+    def __init__(self):
+        self._generators: int | None = None
+        self._stop = False
+        self._status: dict = {}
+
+    def request_generators(self, n: int) -> int:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"generators: need an integer >= 1, got {n!r}")
+        self._generators = n
+        return n
+
+    def request_stop(self) -> bool:
+        """Finish the current step, save the model and summary, and end the job early."""
+        self._stop = True
+        return True
+
+    def take_requests(self) -> dict:
+        """{'generators': n or None, 'stop': bool}; a generators request is handed out once."""
+        req = {"generators": self._generators, "stop": self._stop}
+        self._generators = None
+        return req
+
+    def publish_status(self, status: dict) -> None:
+        self._status = status
+
+    def status(self) -> dict:
+        return self._status
+
+
+def start_control():
+    """Create the control actor for this job (fails if another job in this namespace holds the name)."""
+    import ray
+
+    return ray.remote(Control).options(name=CONTROL_NAME, namespace=NAMESPACE, num_cpus=0,
+                                       max_restarts=0).remote()
+
+
+def find_control(address: str, timeout_s: float = 30.0):
+    """Connect to the cluster at `address` and return the running job's control actor."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        return ray.get_actor(CONTROL_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise RuntimeError(f"no running relayrl job found on the Ray cluster at {address!r} "
+                           f"(no actor named {CONTROL_NAME!r} in namespace {NAMESPACE!r})") from None

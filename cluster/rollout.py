@@ -1,0 +1,206 @@
+"""Rollout: keeps the generators busy and streams scored groups into a bounded buffer.
+
+The driver decides how many prompts to draw; the rollout sends them in small requests to the
+least-loaded generator, scores each finished request, and puts its groups in the buffer the
+learner takes from. Both modes use it: sync draws one step's prompts and drains them before the
+learner trains; async keeps drawing (up to a bound) while the learner trains.
+
+Every prompt drawn is accounted for exactly once: trained, or dropped with a reason. A request
+whose generator dies or misses its deadline goes back to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import RayActorError
+
+from core.messages import Completion, GenerateRequest, Group, Prompt, ScoreResult
+
+
+class RewardSourceFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Accounting:
+    """Exactly where every prompt of the run went (by uid)."""
+
+    drawn: set[int] = field(default_factory=set)
+    trained: set[int] = field(default_factory=set)
+    dropped: dict[int, str] = field(default_factory=dict)
+    reward_failures: Counter = field(default_factory=Counter)
+    duplicates: int = 0  # a prompt trained or dropped twice: a bug, reported rather than hidden
+
+    def draw(self, uid: int) -> None:
+        if uid in self.drawn:
+            self.duplicates += 1
+        self.drawn.add(uid)
+
+    def train(self, uid: int) -> None:
+        if uid in self.trained or uid in self.dropped:
+            self.duplicates += 1
+        self.trained.add(uid)
+
+    def drop(self, uid: int, reason: str) -> None:
+        if uid in self.trained or uid in self.dropped:
+            self.duplicates += 1
+        self.dropped[uid] = reason
+
+    def as_dict(self) -> dict:
+        return {"prompts_drawn": len(self.drawn), "prompts_trained": len(self.trained),
+                "prompts_dropped": dict(Counter(self.dropped.values())),
+                "prompts_unaccounted": len(self.drawn - self.trained - set(self.dropped)),
+                "duplicates": self.duplicates, "reward_failures": dict(self.reward_failures)}
+
+
+def assemble(completions: list[Completion], scores: ScoreResult, group_size: int, acct: Accounting) -> list[Group]:
+    """Group completions by prompt; a group with any unscorable sample is dropped whole (group-relative
+    estimators need every member's score) and counted, never trained on with a made-up score."""
+    for f in scores.failures:
+        acct.reward_failures[f.reason] += 1
+    groups = []
+    for start in range(0, len(completions), group_size):
+        members = completions[start:start + group_size]
+        s = scores.scores[start:start + group_size]
+        if any(x is None for x in s):
+            acct.drop(members[0].prompt.uid, "reward_failed")
+            continue
+        groups.append(Group(members[0].prompt, tuple(members), tuple(s)))  # type: ignore[arg-type]
+    return groups
+
+
+@dataclass
+class _Request:
+    generator: str
+    prompts: tuple[Prompt, ...]
+    deadline: float
+
+
+class Rollout:
+    def __init__(self, pool, rewards, *, group_size: int, temperature: float, max_new_tokens: int, seed: int,
+                 prompts_per_request: int, max_inflight_per_generator: int, call_timeout_s: float,
+                 acct: Accounting, log=print):
+        self.pool, self.rewards, self.acct, self.log = pool, rewards, acct, log
+        self.group_size, self.temperature, self.max_new_tokens, self.seed = group_size, temperature, max_new_tokens, seed
+        self.prompts_per_request, self.max_inflight = prompts_per_request, max_inflight_per_generator
+        self.call_timeout_s = call_timeout_s
+        self.todo: deque[Prompt] = deque()
+        self.inflight: dict[ray.ObjectRef, _Request] = {}
+        self.buffer: deque[Group] = deque()
+        self.generated_tokens = 0
+        self.generated_samples = 0
+        self.reward_seconds = 0.0
+
+    # ------------------------------------------------------------------ state
+    def add(self, prompts: list[Prompt]) -> None:
+        for p in prompts:
+            self.acct.draw(p.uid)
+        self.todo.extend(prompts)
+
+    def outstanding(self) -> int:
+        """Prompts drawn and not yet trained or dropped: queued, being generated, or buffered."""
+        return len(self.todo) + sum(len(r.prompts) for r in self.inflight.values()) + len(self.buffer)
+
+    def busy(self) -> bool:
+        """Anything queued or being generated (buffered groups are finished work)."""
+        return bool(self.todo or self.inflight)
+
+    # ------------------------------------------------------------------ progress
+    def pump(self, block_s: float = 0.05) -> None:
+        """Admit new generators, send queued prompts, collect and score finished requests."""
+        self.pool.poll()
+        self._send()
+        if not self.inflight:
+            if self.todo:  # nothing serving right now (all replaced or starting): wait for one
+                time.sleep(min(block_s, 0.05))
+            return
+        refs = list(self.inflight)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=block_s)
+        if ready:  # collect everything that is done, not just the first
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            if ref not in self.inflight:  # dropped with its generator while collecting an earlier one
+                continue
+            self._collect(ref)
+        now = time.monotonic()
+        for ref, req in list(self.inflight.items()):
+            if now > req.deadline:
+                self._requeue(ref, f"no answer within timeouts.generate_s={self.call_timeout_s}s")
+        self._send()
+
+    def _send(self) -> None:
+        while self.todo:
+            chunk = tuple(self.todo.popleft() for _ in range(min(self.prompts_per_request, len(self.todo))))
+            req = GenerateRequest(chunk, self.group_size, self.temperature, self.max_new_tokens,
+                                  seed=self.seed * 1_000_003 + chunk[0].uid)
+            sent = self.pool.submit(req, max_load=self.max_inflight)
+            if sent is None:
+                self.todo.extendleft(reversed(chunk))
+                return
+            name, ref = sent
+            self.inflight[ref] = _Request(name, chunk, time.monotonic() + self.call_timeout_s)
+
+    def _collect(self, ref) -> None:
+        req = self.inflight[ref]
+        try:
+            completions: list[Completion] = ray.get(ref)
+        except RayActorError as e:
+            self._requeue(ref, f"died: {e}")
+            return
+        del self.inflight[ref]
+        self.pool.done(req.generator)
+        t0 = time.monotonic()
+        scores = self.rewards.score(completions)
+        self.reward_seconds += time.monotonic() - t0
+        groups = assemble(completions, scores, self.group_size, self.acct)
+        failed = len(req.prompts) - len(groups)
+        if failed > len(req.prompts) // 2:
+            first = scores.failures[0].detail if scores.failures else "?"
+            raise RewardSourceFailed(
+                f"the reward source failed on {failed} of {len(req.prompts)} prompts of one request "
+                f"({dict(self.acct.reward_failures)} so far); refusing to train on what is left. First failure: {first}")
+        self.generated_samples += len(completions)
+        self.generated_tokens += sum(len(c.token_ids) for c in completions)
+        self.buffer.extend(groups)
+
+    def _requeue(self, ref, reason: str) -> None:
+        req = self.inflight.pop(ref)
+        self.pool.stats.requeued_prompts += len(req.prompts)
+        self.todo.extendleft(reversed(req.prompts))
+        # every other request held by the same generator is lost with it
+        for other, r in list(self.inflight.items()):
+            if r.generator == req.generator:
+                del self.inflight[other]
+                self.pool.stats.requeued_prompts += len(r.prompts)
+                self.todo.extendleft(reversed(r.prompts))
+        self.pool.replace(req.generator, reason)
+
+    # ------------------------------------------------------------------ handing groups to the learner
+    def take(self, n: int, learner_version: int, max_staleness: int | None) -> list[Group]:
+        """Up to n buffered groups, oldest first; groups older than max_staleness versions are dropped
+        (and counted) instead. None = no staleness bound."""
+        out: list[Group] = []
+        while self.buffer and len(out) < n:
+            g = self.buffer.popleft()
+            if max_staleness is not None and learner_version - g.min_version > max_staleness:
+                self.acct.drop(g.prompt.uid, "stale")
+                continue
+            out.append(g)
+        return out
+
+    def drop_all(self, reason: str) -> None:
+        """At the end of a run: whatever is still queued, in flight or buffered is reported as dropped."""
+        for p in self.todo:
+            self.acct.drop(p.uid, reason)
+        for req in self.inflight.values():
+            for p in req.prompts:
+                self.acct.drop(p.uid, reason)
+        for g in self.buffer:
+            self.acct.drop(g.prompt.uid, reason)
+        self.todo.clear()
+        self.inflight.clear()
+        self.buffer.clear()
