@@ -41,6 +41,16 @@ class Control:
         return self._status
 
 
+def client_auth_env() -> None:
+    """Ray turns token authentication on for clusters it starts (shared/FACTS.md), but a client given an
+    explicit address only sends the token (from RAY_AUTH_TOKEN or ~/.ray/auth_token) when RAY_AUTH_MODE
+    says auth is on, and Ray reads that when it is first imported: call this before `import ray`.
+    RAY_AUTH_MODE=disabled in the environment still wins; the token never goes on a command line."""
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def start_control():
     """Create the control actor for this job (fails if another job in this namespace holds the name)."""
     import ray
@@ -51,9 +61,19 @@ def start_control():
 
 def find_control(address: str, timeout_s: float = 30.0):
     """Connect to the cluster at `address` and return the running job's control actor."""
+    import socket
+
     import ray
 
+    if address not in ("auto", "") and not address.startswith("ray://"):
+        # ray.init retries an unreachable address for minutes; a closed port should fail at once
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"cannot reach a Ray cluster at {address!r}: {e}") from None
     if not ray.is_initialized():
+        client_auth_env()
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     try:
         return ray.get_actor(CONTROL_NAME, namespace=NAMESPACE)

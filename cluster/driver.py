@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.control import NAMESPACE
+from cluster.control import NAMESPACE, client_auth_env
 from core.config import Config, to_dict
 from core.messages import Prompt
 
@@ -43,6 +44,22 @@ class PromptStream:
         order = list(range(len(self.prompts)))
         self.rng.shuffle(order)
         return order
+
+    def state(self) -> dict:
+        """JSON-able position in the data (for checkpoints)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"epoch": self.epoch, "pos": self.pos, "order": self.order,
+                "rng": [version, list(internal), gauss]}
+
+    def load_state(self, st: dict) -> None:
+        self.epoch, self.pos, self.order = st["epoch"], st["pos"], list(st["order"])
+        version, internal, gauss = st["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+    @property
+    def position(self) -> int:
+        """Prompts drawn so far in the run."""
+        return self.epoch * len(self.prompts) + self.pos
 
     def next(self, k: int) -> list[Prompt]:
         out = []
@@ -63,6 +80,7 @@ def _init_ray(cfg: Config, log) -> None:
         return
     if cfg.ray_address:
         log(f"connecting to Ray at {cfg.ray_address}")
+        client_auth_env()
         ray.init(address=cfg.ray_address, namespace=NAMESPACE, log_to_driver=False)
         return
     need = (cfg.generator.num_generators * cfg.generator.num_cpus + cfg.learner.num_cpus
@@ -81,8 +99,9 @@ def evaluate(pool, prompts: list[Prompt], max_new_tokens: int) -> float:
 
 
 
-def run(cfg: Config, log=print) -> dict:
-    """Run one training job; returns the summary (also written to RUN_DIR/summary.json)."""
+def run(cfg: Config, log=print, resume: bool = False) -> dict:
+    """Run one training job; returns the summary (also written to RUN_DIR/summary.json).
+    resume: continue the job in RUN_DIR from its latest checkpoint (see `resume_config`)."""
     import ray
     from transformers import AutoTokenizer
 
@@ -99,6 +118,9 @@ def run(cfg: Config, log=print) -> dict:
     t_start = time.monotonic()
     load_function(cfg.reward.function)  # a bad import path fails before anything starts
     run_dir = Path(cfg.run_dir) / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log(f"run directory: {run_dir}")
@@ -112,6 +134,7 @@ def run(cfg: Config, log=print) -> dict:
     max_len = max(len(p.token_ids) for p in heldout) + cfg.generator.max_new_tokens
 
     _init_ray(cfg, log)
+    log(f"ray: {ray.get_runtime_context().gcs_address} (relayrl status / scale / stop --address=...)")
     t_ray = time.monotonic()
     settings = EngineSettings(model_path=model_path, max_model_len=max(64, max_len), kv_cache_gib=cfg.generator.kv_cache_gib,
                               gpu_memory_utilization=cfg.generator.gpu_memory_utilization,
@@ -124,25 +147,38 @@ def run(cfg: Config, log=print) -> dict:
     rewards = RewardPool(cfg.reward.function, cfg.reward.num_workers, cfg.reward.num_cpus, to.reward_s, log=log)
     pool = GeneratorPool(settings, cfg.generator.num_cpus, cfg.generator.num_gpus, to.startup_s, to.generate_s, to.sync_s,
                          log=log, max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync)
+    saved = json.loads((ckpt / "driver.json").read_text()) if ckpt else None
+    if saved:  # metrics logged after the checkpoint belong to the lost attempt
+        _truncate_metrics(run_dir / "metrics.jsonl", saved["step"])
     metrics = MetricsLog(run_dir)
-    acct = Accounting()
+    acct = Accounting.from_state(saved["accounting"]) if saved else Accounting()
     rollout = Rollout(pool, rewards, group_size=cfg.algo.group_size, temperature=cfg.generator.temperature,
                       max_new_tokens=cfg.generator.max_new_tokens, seed=cfg.seed,
                       prompts_per_request=ro.prompts_per_request, max_inflight_per_generator=ro.max_inflight_per_generator,
                       call_timeout_s=to.generate_s, acct=acct, log=log)
-    loop = _Loop(cfg, pool, rollout, stream, learner, control, log)
+    loop = _Loop(cfg, pool, rollout, stream, learner, control, log, run_dir)
     try:
+        if saved:
+            ray.get(learner.load_checkpoint.remote(str(ckpt)), timeout=to.startup_s)
+            stream.load_state(saved["stream"])
+            rollout.todo.extend(Prompt(p["uid"], p["text"], tuple(p["token_ids"]), p["answer"]) for p in saved["outstanding"])
+            loop.samples_trained = saved["samples_trained"]
+            pool.handle = ray.get(learner.publish.remote(), timeout=to.sync_s)  # generators start on these weights
+            log(f"resuming from {ckpt} (step {saved['step']}, data position {stream.position})")
         pool.start(cfg.generator.num_generators)
         learner_info = ray.get(learner.info.remote(), timeout=to.startup_s)
         log(f"{len(pool.actors)} generators, learner on {learner_info['device']} "
             f"({learner_info['params'] / 1e6:.2f}M params), {ro.mode} mode; start-up {time.monotonic() - t_ray:.0f}s")
 
-        acc_before = evaluate(pool, heldout, cfg.generator.max_new_tokens)
-        metrics.write(0, {"eval/heldout_accuracy": acc_before})
-        log(f"held-out accuracy before RL: {acc_before:.3f}")
-        acc = acc_before
-        t_loop = time.monotonic()
-        step = 0
+        if saved:
+            acc_before, acc, step = saved["acc_before"], saved["acc"], saved["step"]
+        else:
+            acc_before = evaluate(pool, heldout, cfg.generator.max_new_tokens)
+            metrics.write(0, {"eval/heldout_accuracy": acc_before})
+            log(f"held-out accuracy before RL: {acc_before:.3f}")
+            acc, step = acc_before, 0
+        loop.publish_status(step, acc, {})
+        t_loop, samples_at_start = time.monotonic(), loop.samples_trained
         while step < cfg.steps and not loop.stop_requested:
             step += 1
             row = loop.step(step)
@@ -151,7 +187,10 @@ def run(cfg: Config, log=print) -> dict:
                 pool.finish_sync()  # evaluate the newest weights
                 acc = evaluate(pool, heldout, cfg.generator.max_new_tokens)
                 row["eval/heldout_accuracy"] = acc
+            row["data/position"] = stream.position
             metrics.write(step, row)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save_checkpoint(run_dir, step, learner, stream, rollout, loop, acc_before, acc, to.train_s)
             loop.publish_status(step, acc, row)
             loop.poll_control()
             log(f"step {step:>4}/{cfg.steps}  reward {row['train/reward_mean']:+.3f}  held-out {acc:.3f}  "
@@ -166,11 +205,13 @@ def run(cfg: Config, log=print) -> dict:
             "heldout_accuracy_after": acc,
             "steps": step,
             "stopped_early": step < cfg.steps,
+            "resumed_from_step": saved["step"] if saved else None,
+            "data_position": stream.position,
             "mode": ro.mode,
             "wall_seconds": time.monotonic() - t_start,
             "train_loop_seconds": loop_s,
             "samples": samples,
-            "samples_per_second": samples / max(loop_s, 1e-9),
+            "samples_per_second": (samples - samples_at_start) / max(loop_s, 1e-9),
             "generated_samples": rollout.generated_samples,
             "phase_seconds": dict(loop.timings),
             "sync_share_of_step": loop.timings["time/sync_s"] / max(loop.timings["time/step_s"], 1e-9),
@@ -198,6 +239,64 @@ def run(cfg: Config, log=print) -> dict:
     return summary
 
 
+class LearnerFailed(RuntimeError):
+    pass
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """RUN_DIR/checkpoints/<latest>, following the pointer file written last by save_checkpoint."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "driver.json").exists() else None
+
+
+def save_checkpoint(run_dir: Path, step: int, learner, stream: PromptStream, rollout, loop, acc_before: float,
+                    acc: float, timeout_s: float, keep: int = 2) -> Path:
+    """Atomic: everything goes into step-N.tmp, which is renamed to step-N, and only then does the
+    `latest` pointer move (itself replaced atomically). A crash at any point leaves the previous
+    checkpoint intact. Outstanding prompts (async mode) are saved and re-queued on resume, so the
+    accounting stays exact across a restart."""
+    import ray
+
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ray.get(learner.save_checkpoint.remote(str(tmp.resolve())), timeout=timeout_s)
+    state = {"step": step, "stream": stream.state(), "accounting": rollout.acct.state(),
+             "outstanding": [{"uid": p.uid, "text": p.text, "token_ids": list(p.token_ids), "answer": p.answer}
+                             for p in rollout.outstanding_prompts()],
+             "samples_trained": loop.samples_trained, "acc_before": acc_before, "acc": acc}
+    (tmp / "driver.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (root / "latest.tmp").write_text(final.name)
+    os.replace(root / "latest.tmp", root / "latest")
+    for old in sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resume_config(run_dir: str, overrides: list[str]) -> Config:
+    """The config a run was started with (RUN_DIR/config.yaml), with command-line overrides on top."""
+    from core.config import load_config
+
+    path = Path(run_dir)
+    if not (path / "config.yaml").exists():
+        raise FileNotFoundError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(str(path / "config.yaml"), overrides)
+    cfg.run_dir, cfg.run_name = str(path.parent), path.name
+    return cfg
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
 class _Loop:
     """One training step in either mode:
 
@@ -206,9 +305,10 @@ class _Loop:
            rollout keeps generating ahead (bounded) -> publish -> sync in the background
     """
 
-    def __init__(self, cfg: Config, pool, rollout, stream: PromptStream, learner, control, log):
+    def __init__(self, cfg: Config, pool, rollout, stream: PromptStream, learner, control, log, run_dir: Path):
         self.cfg, self.pool, self.rollout, self.stream, self.learner, self.control, self.log = (
             cfg, pool, rollout, stream, learner, control, log)
+        self.run_dir = run_dir
         self.is_async = cfg.rollout.mode == "async"
         self.timings: Counter = Counter()
         self.samples_trained = 0
@@ -280,7 +380,13 @@ class _Loop:
             if self.is_async:  # generation continues while the learner trains
                 self._top_up()
                 self._tick()
-        stats = ray.get(ref)
+        try:
+            stats = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            last = latest_checkpoint(self.run_dir)
+            raise LearnerFailed(
+                f"the learner died during step {step} ({type(e).__name__}). Continue the job with "
+                f"`relayrl train --resume {self.run_dir}` (latest checkpoint: {last or 'none yet'})") from None
         self.in_training = 0
         for g in groups:
             self.rollout.acct.train(g.prompt.uid)

@@ -50,6 +50,16 @@ class Accounting:
             self.duplicates += 1
         self.dropped[uid] = reason
 
+    def state(self) -> dict:
+        return {"drawn": sorted(self.drawn), "trained": sorted(self.trained),
+                "dropped": {str(k): v for k, v in self.dropped.items()}, "reward_failures": dict(self.reward_failures),
+                "duplicates": self.duplicates}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "Accounting":
+        return cls(set(st["drawn"]), set(st["trained"]), {int(k): v for k, v in st["dropped"].items()},
+                   Counter(st["reward_failures"]), st["duplicates"])
+
     def as_dict(self) -> dict:
         return {"prompts_drawn": len(self.drawn), "prompts_trained": len(self.trained),
                 "prompts_dropped": dict(Counter(self.dropped.values())),
@@ -191,6 +201,11 @@ class Rollout:
                 continue
             out.append(g)
         return out
+
+    def outstanding_prompts(self) -> list[Prompt]:
+        """Drawn, not trained or dropped (for checkpoints: re-queued on resume)."""
+        return ([*self.todo] + [p for r in self.inflight.values() for p in r.prompts]
+                + [g.prompt for g in self.buffer])
 
     def drop_all(self, reason: str) -> None:
         """At the end of a run: whatever is still queued, in flight or buffered is reported as dropped."""

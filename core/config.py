@@ -250,6 +250,8 @@ class Config:
 
     steps: int = _f(40, "RL updates to run.", positive)
     prompts_per_step: int = _f(32, "Prompts per update (each sampled group_size times).", positive)
+    checkpoint_every: int = _f(10, "Write a resumable checkpoint every N steps (0 = never; the final model is "
+                                   "always saved). `relayrl train --resume RUN_DIR` continues from the latest.", non_negative)
     eval_every: int = _f(10, "Greedy held-out evaluation every N steps (and before and after training).", positive)
     seed: int = _f(0, "Seed for data order, sampling and initialisation.")
     run_dir: str = _f("runs", "Parent folder of run directories.")

@@ -264,6 +264,42 @@ class Learner:
         os.replace(tmp, out)
         return str(out)
 
+    def save_checkpoint(self, out_dir: str) -> str:
+        """Everything needed to continue training exactly: the policy as a Hugging Face folder
+        (OUT/model) and the rest (optimizers, LR schedule, critic, adaptive KL coefficient, step,
+        version, RNG) in OUT/learner.pt. The caller makes the directory swap atomic."""
+        out = Path(out_dir)
+        self.save(str(out / "model"))
+        state = {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "step": self.step,
+                 "version": self.version, "kl_coef": self.kl_coef, "torch_rng": torch.get_rng_state()}
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+            state["critic_opt"] = self.critic_opt.state_dict()
+        torch.save(state, out / "learner.pt")
+        return str(out)
+
+    def load_checkpoint(self, ckpt_dir: str) -> dict:
+        """Inverse of save_checkpoint (the frozen reference stays the run's initial model)."""
+        from safetensors.torch import load_file
+
+        ckpt = Path(ckpt_dir)
+        weights = {}
+        for f in sorted((ckpt / "model").glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        missing, unexpected = self.policy.load_state_dict(weights, strict=False)
+        # tied / non-persistent buffers may be absent from the file; real parameters must not be
+        if unexpected or [m for m in missing if "rotary" not in m]:
+            raise ValueError(f"checkpoint {ckpt_dir} does not match the policy: missing {missing}, unexpected {unexpected}")
+        state = torch.load(ckpt / "learner.pt", map_location=self.device, weights_only=False)
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
+        self.step, self.version, self.kl_coef = state["step"], state["version"], state["kl_coef"]
+        torch.set_rng_state(state["torch_rng"])
+        return {"step": self.step, "version": self.version}
+
     # ------------------------------------------------------------------ for tests and evaluation
     @torch.no_grad()
     def logprobs(self, groups: list[Group]) -> list[list[float]]:

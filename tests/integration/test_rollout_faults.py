@@ -7,74 +7,12 @@ racing the job: scale or kill, wait until the pool has reacted, then stop the jo
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import ray
 
-from cluster.control import CONTROL_NAME, NAMESPACE
-from core.config import Config
+from tests._jobs import Job, small_job
 
 pytestmark = pytest.mark.integration
-
-
-def _cfg(tmp_path, default_cfg, **rollout) -> Config:
-    cfg = Config()
-    cfg.model.cache_dir = default_cfg.model.cache_dir
-    cfg.run_dir, cfg.run_name = str(tmp_path), "job"
-    cfg.steps, cfg.prompts_per_step, cfg.eval_every = 500, 8, 1000  # ended by the test with a stop request
-    cfg.algo.group_size, cfg.algo.minibatches = 4, 1
-    cfg.reward.num_cpus = 0.1
-    cfg.generator.num_generators = 2
-    cfg.rollout.verify_sync = True  # every sync: all generators confirm the version and identical weights
-    for k, v in rollout.items():
-        setattr(cfg.rollout, k, v)
-    return cfg
-
-
-class _Job:
-    def __init__(self, cfg: Config):
-        from cluster.driver import run
-
-        self.summary, self.error, self.lines = None, None, []
-        self.thread = threading.Thread(target=self._run, args=(run, cfg), daemon=True)
-        self.thread.start()
-        self.control = self._wait(lambda: ray.get_actor(CONTROL_NAME, namespace=NAMESPACE), "control actor", 120)
-
-    def _run(self, run, cfg):
-        try:
-            self.summary = run(cfg, log=self.lines.append)
-        except BaseException as e:  # surfaced by the test
-            self.error = e
-
-    def _wait(self, probe, what: str, timeout_s: float):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.error:
-                raise self.error
-            try:
-                got = probe()
-                if got:
-                    return got
-            except ValueError:  # named actor not there yet
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; job log tail: {self.lines[-15:]}")
-
-    def status(self) -> dict:
-        return ray.get(self.control.status.remote(), timeout=30)
-
-    def wait_status(self, pred, what: str, timeout_s: float = 240) -> dict:
-        return self._wait(lambda: (lambda s: s if s and pred(s) else None)(self.status()), what, timeout_s)
-
-    def stop(self) -> dict:
-        ray.get(self.control.request_stop.remote(), timeout=30)
-        self.thread.join(timeout=300)
-        if self.error:
-            raise self.error
-        assert self.summary is not None, "job did not finish after a stop request"
-        return self.summary
 
 
 def _check_accounting(s: dict) -> None:
@@ -86,9 +24,9 @@ def _check_accounting(s: dict) -> None:
 
 
 def test_scale_up_and_down_during_a_run(tmp_path, default_cfg, world, ray_session):
-    cfg = _cfg(tmp_path, default_cfg, mode="sync")
+    cfg = small_job(tmp_path, default_cfg, mode="sync")
     cfg.generator.num_generators = 1
-    job = _Job(cfg)
+    job = Job(cfg)
     job.wait_status(lambda s: s["step"] >= 2, "step 2")
     ray.get(job.control.request_generators.remote(2), timeout=30)
     up = job.wait_status(lambda s: len(s["generators"]) == 2, "2 generators serving")
@@ -106,7 +44,7 @@ def test_scale_up_and_down_during_a_run(tmp_path, default_cfg, world, ray_sessio
 
 
 def test_async_job_survives_a_killed_generator(tmp_path, default_cfg, world, ray_session):
-    job = _Job(_cfg(tmp_path, default_cfg, mode="async", max_staleness=1))
+    job = Job(small_job(tmp_path, default_cfg, mode="async", max_staleness=1))
     job.wait_status(lambda s: s["step"] >= 3 and len(s["generators"]) == 2, "step 3 with 2 generators")
     ray.kill(ray.get_actor("generator-0"))
     # the job goes on with one generator while a replacement starts, loads the current weights and serves
