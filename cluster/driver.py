@@ -33,10 +33,8 @@ from core.messages import Prompt
 class PromptStream:
     """Endless shuffled passes over the training rows; uid = epoch * N + row (unique within the run)."""
 
-    def __init__(self, rows: list[dict], tokenizer, seed: int):
-        from cluster.world import encode
-
-        self.prompts = [(r["prompt"], tuple(encode(tokenizer, r["prompt"])), r["answer"]) for r in rows]
+    def __init__(self, prompts: list[tuple[str, tuple[int, ...], str]], seed: int):
+        self.prompts = prompts  # (text, token ids, answer), validated by cluster.data.load_prompts
         self.rng = random.Random(seed)
         self.epoch, self.pos, self.order = 0, 0, self._shuffled()
 
@@ -103,20 +101,22 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     """Run one training job; returns the summary (also written to RUN_DIR/summary.json).
     resume: continue the job in RUN_DIR from its latest checkpoint (see `resume_config`)."""
     import ray
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from actors.generator import EngineSettings
     from actors.pool import GeneratorPool
     from cluster.control import start_control
-    from cluster.metrics import MetricsLog, plot_run
+    from cluster.metrics import MetricsLog, RayMetrics, plot_run
     from cluster.rollout import Accounting, Rollout
-    from cluster.world import PAD, encode, ensure_world, read_rows
+    from cluster.data import load_prompts
+    from cluster.world import PAD, encode, ensure_world
     from learner.actor import Learner
     from reward.pool import RewardPool
-    from reward.worker import load_function
+    from reward.policy import component_means
+    from reward.worker import check_source
 
     t_start = time.monotonic()
-    load_function(cfg.reward.function)  # a bad import path fails before anything starts
+    check_source(cfg.reward)  # a bad import path (function or component) fails before anything starts
     run_dir = Path(cfg.run_dir) / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -128,15 +128,19 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     world = ensure_world(cfg, log=log)
     model_path = os.path.abspath(cfg.model.path or world.model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    stream = PromptStream(read_rows(world.train_path), tokenizer, cfg.seed)
-    heldout = [Prompt(-1 - i, r["prompt"], tuple(encode(tokenizer, r["prompt"])), r["answer"])
-               for i, r in enumerate(read_rows(world.heldout_path))]
-    max_len = max(len(p.token_ids) for p in heldout) + cfg.generator.max_new_tokens
+    context = AutoConfig.from_pretrained(model_path).max_position_embeddings
+    max_prompt = context - cfg.generator.max_new_tokens
+    # every row checked here, before Ray or vLLM start: a bad one stops the job naming its row
+    train = load_prompts(cfg.task.dataset or world.train_path, tokenizer, encode, max_prompt)
+    held = load_prompts(cfg.task.heldout_dataset or world.heldout_path, tokenizer, encode, max_prompt)
+    stream = PromptStream(train, cfg.seed)
+    heldout = [Prompt(-1 - i, text, ids, answer) for i, (text, ids, answer) in enumerate(held)]
+    max_len = max(len(ids) for _, ids, _ in train + held) + cfg.generator.max_new_tokens
 
     _init_ray(cfg, log)
     log(f"ray: {ray.get_runtime_context().gcs_address} (relayrl status / scale / stop --address=...)")
     t_ray = time.monotonic()
-    settings = EngineSettings(model_path=model_path, max_model_len=max(64, max_len), kv_cache_gib=cfg.generator.kv_cache_gib,
+    settings = EngineSettings(model_path=model_path, max_model_len=min(context, max(64, max_len)), kv_cache_gib=cfg.generator.kv_cache_gib,
                               gpu_memory_utilization=cfg.generator.gpu_memory_utilization,
                               enforce_eager=cfg.generator.enforce_eager, seed=cfg.seed)
     to, ro = cfg.timeouts, cfg.rollout
@@ -144,18 +148,19 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     learner = ray.remote(Learner).options(name="learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                                           max_restarts=0).remote(
         model_path, cfg.algo, cfg.learner, cfg.steps, cfg.seed, PAD)
-    rewards = RewardPool(cfg.reward.function, cfg.reward.num_workers, cfg.reward.num_cpus, to.reward_s, log=log)
+    rewards = RewardPool(cfg.reward, timeout_s=to.reward_s, log=log)
     pool = GeneratorPool(settings, cfg.generator.num_cpus, cfg.generator.num_gpus, to.startup_s, to.generate_s, to.sync_s,
                          log=log, max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync)
     saved = json.loads((ckpt / "driver.json").read_text()) if ckpt else None
     if saved:  # metrics logged after the checkpoint belong to the lost attempt
         _truncate_metrics(run_dir / "metrics.jsonl", saved["step"])
     metrics = MetricsLog(run_dir)
+    live = RayMetrics()
     acct = Accounting.from_state(saved["accounting"]) if saved else Accounting()
     rollout = Rollout(pool, rewards, group_size=cfg.algo.group_size, temperature=cfg.generator.temperature,
                       max_new_tokens=cfg.generator.max_new_tokens, seed=cfg.seed,
                       prompts_per_request=ro.prompts_per_request, max_inflight_per_generator=ro.max_inflight_per_generator,
-                      call_timeout_s=to.generate_s, acct=acct, log=log)
+                      call_timeout_s=to.generate_s, acct=acct, reward_cfg=cfg.reward, log=log)
     loop = _Loop(cfg, pool, rollout, stream, learner, control, log, run_dir)
     try:
         if saved:
@@ -166,6 +171,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             pool.handle = ray.get(learner.publish.remote(), timeout=to.sync_s)  # generators start on these weights
             log(f"resuming from {ckpt} (step {saved['step']}, data position {stream.position})")
         pool.start(cfg.generator.num_generators)
+        rewards.wait_ready()  # a scorer that cannot be built (bad model path, ...) fails at start-up
         learner_info = ray.get(learner.info.remote(), timeout=to.startup_s)
         log(f"{len(pool.actors)} generators, learner on {learner_info['device']} "
             f"({learner_info['params'] / 1e6:.2f}M params), {ro.mode} mode; start-up {time.monotonic() - t_ray:.0f}s")
@@ -188,10 +194,20 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                 acc = evaluate(pool, heldout, cfg.generator.max_new_tokens)
                 row["eval/heldout_accuracy"] = acc
             row["data/position"] = stream.position
+            row.update(component_means(rollout.scored))
+            rollout.scored.clear()
             metrics.write(step, row)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_checkpoint(run_dir, step, learner, stream, rollout, loop, acc_before, acc, to.train_s)
             loop.publish_status(step, acc, row)
+            live.record({"samples_per_second": row["perf/samples_per_s"], "tokens_per_second": row["perf/gen_tokens_per_s"],
+                         "reward_mean": row["train/reward_mean"], "kl_to_reference": row["train/kl_ref"],
+                         "approx_kl": row["train/approx_kl"], "policy_version": row["policy_version"],
+                         "staleness_max": row["staleness/max"], "buffer_groups": row["buffer_groups"],
+                         "sync_seconds": row["time/sync_s"], "generators": row["generators"], "heldout_accuracy": acc},
+                        {**{f"reward_{k}": v for k, v in acct.reward_failures.items()},
+                         **{f"dropped_{k}": v for k, v in Counter(acct.dropped.values()).items()},
+                         "generator_restart": pool.stats.restarts, "reward_worker_restart": rewards.restarts})
             loop.poll_control()
             log(f"step {step:>4}/{cfg.steps}  reward {row['train/reward_mean']:+.3f}  held-out {acc:.3f}  "
                 f"kl {row['train/approx_kl']:.4f}  clip {row['train/clipfrac']:.3f}  wait {row['time/wait_s']:.1f}s "
@@ -316,6 +332,7 @@ class _Loop:
         self._last_control = 0.0
         self.in_training = 0  # groups handed to the learner, not yet confirmed trained
         self.stop_requested = False
+        self._tokens_seen = 0
 
     # -------------------------------------------------------------- helpers
     def _top_up(self, have: int = 0) -> None:
@@ -406,11 +423,17 @@ class _Loop:
         staleness = [stats.policy_version - g.min_version for g in groups]
         return {**{f"train/{k}": v for k, v in stats.metrics.items()}, **phase,
                 "perf/samples_per_s": sum(len(g.completions) for g in groups) / (t3 - t0),
+                "perf/gen_tokens_per_s": self._new_tokens() / (t3 - t0),
                 "policy_version": self.pool.version, "staleness/mean": sum(staleness) / len(staleness),
                 "staleness/max": max(staleness), "buffer_groups": len(self.rollout.buffer),
                 "generators": len(self.pool.actors), "generator_restarts": self.pool.stats.restarts,
                 "prompts_dropped": len(self.rollout.acct.dropped),
                 "reward_failures": sum(self.rollout.acct.reward_failures.values())}
+
+    def _new_tokens(self) -> int:
+        n = self.rollout.generated_tokens - self._tokens_seen
+        self._tokens_seen = self.rollout.generated_tokens
+        return n
 
     def publish_status(self, step: int, acc: float, row: dict) -> None:
         status = {"step": step, "steps": self.cfg.steps, "mode": self.cfg.rollout.mode,

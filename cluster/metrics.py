@@ -57,3 +57,39 @@ def plot_run(run_dir: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+class RayMetrics:
+    """Custom metrics through `ray.util.metrics`, for the Ray dashboard and its Prometheus endpoint
+    (each node's metrics agent serves them as `ray_relayrl_*`). Recorded once per step by the driver."""
+
+    GAUGES = {
+        "samples_per_second": "Trained samples per second over the last step.",
+        "tokens_per_second": "Generated tokens per second over the last step.",
+        "reward_mean": "Mean training reward of the last step.",
+        "kl_to_reference": "KL to the reference policy (per token) of the last update.",
+        "approx_kl": "Approximate KL between the policy before and after the last update.",
+        "policy_version": "Policy version the generators serve.",
+        "staleness_max": "Most policy versions a sample of the last step lagged.",
+        "buffer_groups": "Scored groups waiting for the learner.",
+        "sync_seconds": "Weight-sync seconds of the last step.",
+        "generators": "Generators serving.",
+        "heldout_accuracy": "Latest held-out greedy accuracy.",
+    }
+
+    def __init__(self):
+        from ray.util.metrics import Counter, Gauge
+
+        self.gauges = {k: Gauge(f"relayrl_{k}", description=d) for k, d in self.GAUGES.items()}
+        self.failures = Counter("relayrl_failures_total", description="Failures by kind.", tag_keys=("kind",))
+        self._seen: dict[str, int] = {}
+
+    def record(self, values: dict[str, float], failures: dict[str, int]) -> None:
+        for k, v in values.items():
+            if k in self.gauges and v is not None:
+                self.gauges[k].set(float(v))
+        for kind, total in failures.items():  # counters only go up: add what is new since last time
+            new = total - self._seen.get(kind, 0)
+            if new > 0:
+                self.failures.inc(new, tags={"kind": kind})
+                self._seen[kind] = total

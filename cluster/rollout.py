@@ -19,10 +19,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from core.messages import Completion, GenerateRequest, Group, Prompt, ScoreResult
-
-
-class RewardSourceFailed(RuntimeError):
-    pass
+from reward.policy import RewardSourceFailed, apply_failure_policy, check_failure_budget, failure_log_lines
 
 
 @dataclass
@@ -93,11 +90,13 @@ class _Request:
 class Rollout:
     def __init__(self, pool, rewards, *, group_size: int, temperature: float, max_new_tokens: int, seed: int,
                  prompts_per_request: int, max_inflight_per_generator: int, call_timeout_s: float,
-                 acct: Accounting, log=print):
+                 acct: Accounting, reward_cfg, log=print):
         self.pool, self.rewards, self.acct, self.log = pool, rewards, acct, log
         self.group_size, self.temperature, self.max_new_tokens, self.seed = group_size, temperature, max_new_tokens, seed
         self.prompts_per_request, self.max_inflight = prompts_per_request, max_inflight_per_generator
         self.call_timeout_s = call_timeout_s
+        self.reward_cfg = reward_cfg
+        self.scored: list[ScoreResult] = []  # this step's scored batches (reward component means)
         self.todo: deque[Prompt] = deque()
         self.inflight: dict[ray.ObjectRef, _Request] = {}
         self.buffer: deque[Group] = deque()
@@ -166,13 +165,21 @@ class Rollout:
         t0 = time.monotonic()
         scores = self.rewards.score(completions)
         self.reward_seconds += time.monotonic() - t0
+        for line in failure_log_lines(completions, scores):
+            self.log(line)
+        # a source failing on most of a batch stops the job rather than training on what is left
+        check_failure_budget(scores, self.reward_cfg.max_failure_fraction)
+        scores = apply_failure_policy(scores, self.reward_cfg.on_failure, self.reward_cfg.failure_penalty)
+        self.scored.append(scores)
         groups = assemble(completions, scores, self.group_size, self.acct)
-        failed = len(req.prompts) - len(groups)
-        if failed > len(req.prompts) // 2:
-            first = scores.failures[0].detail if scores.failures else "?"
+        lost = len(req.prompts) - len(groups)
+        if lost > len(req.prompts) * self.reward_cfg.max_failure_fraction:
+            # the per-sample budget passed, but failures spread over groups left too few whole groups
             raise RewardSourceFailed(
-                f"the reward source failed on {failed} of {len(req.prompts)} prompts of one request "
-                f"({dict(self.acct.reward_failures)} so far); refusing to train on what is left. First failure: {first}")
+                f"reward failures left {len(groups)} of {len(req.prompts)} groups of one request whole "
+                f"(reward.max_failure_fraction={self.reward_cfg.max_failure_fraction}; failures so far "
+                f"{dict(self.acct.reward_failures)}); refusing to train on what is left. "
+                f"First failure: {scores.failures[0].detail if scores.failures else '?'}")
         self.generated_samples += len(completions)
         self.generated_tokens += sum(len(c.token_ids) for c in completions)
         self.buffer.extend(groups)

@@ -54,8 +54,11 @@ def build_tokenizer(out_dir: str | os.PathLike) -> None:
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    """Prompt token ids as the whole system uses them: BOS + characters."""
-    return [BOS] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Prompt token ids as the whole system uses them: the tokenizer's BOS (if it has one) + the text's
+    tokens. Chat-templated text already carries its special tokens, so none are added twice."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (tokenizer.bos_token and text.startswith(tokenizer.bos_token)) else [bos] + ids
 
 
 def make_reverse_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:

@@ -9,6 +9,7 @@ the reference and a bad value fails in well under a second with a message naming
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -106,6 +107,10 @@ class TaskConfig:
     alphabet_size: int = _f(8, "Letters in the alphabet (a, b, c, ...).", lambda v: None if 2 <= v <= 26 else f"must be in [2, 26], got {v!r}")
     train_size: int = _f(4000, "Training prompts generated.", positive)
     heldout_size: int = _f(256, "Held-out prompts (disjoint from training) for evaluation.", positive)
+    dataset: str = _f("", "Training prompts from a .parquet or .jsonl file (columns: `prompt` text or chat "
+                          "`messages`, and `answer`, the label the reward checks); empty = the generated task.")
+    heldout_dataset: str = _f("", "Held-out prompts for evaluation, same schema; empty = the generated task's "
+                                  "(required when `dataset` is set).")
 
 
 @dataclass
@@ -401,6 +406,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algo.minibatches: must be <= prompts_per_step ({cfg.prompts_per_step}), got {cfg.algo.minibatches}")
     if cfg.algo.estimator in ("grpo", "dr_grpo", "rloo") and cfg.algo.group_size < 2:
         raise ConfigError(f"algo.group_size: {cfg.algo.estimator} needs at least 2 samples per prompt, got {cfg.algo.group_size}")
+    if cfg.task.dataset and not cfg.task.heldout_dataset:
+        raise ConfigError("task.heldout_dataset: required when task.dataset is set (held-out accuracy is measured on it)")
+    for name in ("dataset", "heldout_dataset"):
+        path = getattr(cfg.task, name)
+        if path and not path.endswith((".parquet", ".jsonl")):
+            raise ConfigError(f"task.{name}: must be a .parquet or .jsonl file, got {path!r}")
+        if path and not os.path.exists(path):
+            raise ConfigError(f"task.{name}: no such file {path!r}")
     if cfg.algo.kl_target > 0 and cfg.algo.kl_coef == 0:
         raise ConfigError("algo.kl_target: adaptive KL needs a starting algo.kl_coef > 0 (0 disables the reference model)")
     return cfg

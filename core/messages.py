@@ -80,11 +80,16 @@ class ScoreFailure:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """Scores for one batch of completions, aligned by index; failed indices hold None."""
+    """Scores for one batch of completions, aligned by index; failed indices hold None.
+
+    `components` holds the named parts of a reward that returned a dict (`{"total": [...],
+    "format": [...], ...}`), each aligned by index like `scores`, None where the sample failed;
+    they are for logging, only `scores` is trained on. Empty when the reward returned a plain list.
+    """
 
     scores: tuple[float | None, ...]
     failures: tuple[ScoreFailure, ...] = ()
-    components: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    components: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,22 @@ def _check_accounting(s: dict) -> None:
     assert s["syncs_verified"] >= s["steps"] - 1  # the last sync may still be in flight at the stop
 
 
+def _assert_on_prometheus_endpoint(names: list[str], timeout_s: float = 60) -> None:
+    """The job's custom metrics reach the node's Prometheus endpoint (exported every few seconds)."""
+    import time
+    import urllib.request
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if all(n in text for n in names):
+            return
+        time.sleep(2)
+    missing = [n for n in names if n not in text]
+    raise AssertionError(f"{missing} not on the Prometheus endpoint :{port} after {timeout_s}s")
+
+
 def test_scale_up_and_down_during_a_run(tmp_path, default_cfg, world, ray_session):
     cfg = small_job(tmp_path, default_cfg, mode="sync")
     cfg.generator.num_generators = 1
@@ -32,6 +48,8 @@ def test_scale_up_and_down_during_a_run(tmp_path, default_cfg, world, ray_sessio
     up = job.wait_status(lambda s: len(s["generators"]) == 2, "2 generators serving")
     # the newcomer loaded the current weights before serving: the learner's next steps are verified syncs
     job.wait_status(lambda s: s["step"] >= up["step"] + 2, "two steps with 2 generators")
+    _assert_on_prometheus_endpoint(["ray_relayrl_policy_version", "ray_relayrl_samples_per_second",
+                                    "ray_relayrl_generators"])
     ray.get(job.control.request_generators.remote(1), timeout=30)
     down = job.wait_status(lambda s: len(s["generators"]) == 1, "back to 1 generator")
     job.wait_status(lambda s: s["step"] >= down["step"] + 1, "a step after scaling down")

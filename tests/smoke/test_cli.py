@@ -74,3 +74,58 @@ def test_train_tiny_budget_end_to_end(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run / "final_model")
     tok = AutoTokenizer.from_pretrained(run / "final_model")
     assert model.config.model_type == "llama" and tok.eos_token == "</s>"
+
+
+def test_status_scale_and_stop_a_running_job(tmp_path):
+    """`relayrl status`, `relayrl scale` and `relayrl stop` against a `relayrl train` running in another process."""
+    log = tmp_path / "train.log"
+    with open(log, "w") as f:
+        job = subprocess.Popen([RELAYRL, "train", "--steps=100000", "--prompts_per_step=8", "--eval_every=100000",
+                                "--generator.num_generators=1", "--algo.group_size=4", "--algo.minibatches=1",
+                                "--rollout.mode=async", f"--run_dir={tmp_path}", "--run_name=live"],
+                               cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        address = None
+        while address is None:
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            address = next((line.split()[1] for line in log.read_text().splitlines() if line.startswith("ray: ")), None)
+            time.sleep(0.5)
+        while True:
+            out = _run(["status", f"--address={address}"], 60)
+            assert out.returncode == 0, out.stderr[-2000:]
+            status = json.loads(out.stdout)
+            if status.get("step", 0) >= 1:
+                break
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert status["mode"] == "async" and status["generators"] == ["generator-0"]
+
+        out = _run(["scale", "--generators=2", f"--address={address}"], 60)
+        assert out.returncode == 0 and "requested 2 generators" in out.stdout, out.stderr[-2000:]
+        out = _run(["stop", f"--address={address}"], 60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    summary = json.loads((tmp_path / "live" / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] >= 1
+    assert summary["scale_events"][0] == "target 2"
+    assert summary["accounting"]["prompts_unaccounted"] == 0 and summary["accounting"]["duplicates"] == 0
+
+
+def test_control_commands_without_a_job_fail_clearly():
+    out = _run(["status", "--address=127.0.0.1:1"], 120)
+    assert out.returncode == 1 and "relayrl:" in out.stderr
+
+
+def test_malformed_dataset_fails_before_ray_naming_the_row(tmp_path):
+    good = tmp_path / "heldout.jsonl"
+    good.write_text(json.dumps({"prompt": "abcde=", "answer": "edcba"}) + "\n")
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(json.dumps({"prompt": "abcde=", "answer": "edcba"}) + "\n" + json.dumps({"prompt": "abcde="}) + "\n")
+    out = _run(["train", f"--task.dataset={bad}", f"--task.heldout_dataset={good}", f"--run_dir={tmp_path}"], 300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"data error: {bad}: row 1: missing field 'answer'" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout

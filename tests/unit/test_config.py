@@ -337,12 +337,12 @@ def test_cli_malformed_arguments(capsys, no_driver):
 def test_cli_train_valid_config_calls_driver(monkeypatch):
     seen = []
 
-    def fake_run(cfg, log=print):
+    def fake_run(cfg, log=print, resume=False):
         seen.append(cfg)
         return {"ok": True}
 
     monkeypatch.setattr(cluster.driver, "run", fake_run)
     assert cli.main(["train", "--steps=2", "--learner.lr=0.01"]) == 0
     assert len(seen) == 1 and seen[0].steps == 2 and math.isclose(seen[0].learner.lr, 0.01)
-    monkeypatch.setattr(cluster.driver, "run", lambda cfg, log=print: {})
+    monkeypatch.setattr(cluster.driver, "run", lambda cfg, log=print, resume=False: {})
     assert cli.main(["train"]) == 1  # an empty summary is a failed run
