@@ -56,8 +56,11 @@ class Generator:
         self.generated_tokens = 0
 
     def info(self) -> dict:
+        import ray
+
         return {"name": self.name, "version": self.version, "startup_seconds": self.startup_seconds,
-                "generated_tokens": self.generated_tokens, "pid": os.getpid()}
+                "generated_tokens": self.generated_tokens, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def generate(self, req: GenerateRequest) -> list[Completion]:
         from vllm import SamplingParams

@@ -57,8 +57,9 @@ class _PendingSync:
 class GeneratorPool:
     def __init__(self, settings: EngineSettings, num_cpus: float, num_gpus: float, startup_timeout_s: float,
                  call_timeout_s: float, sync_timeout_s: float, log=print, max_restarts: int = 8,
-                 verify_sync: bool = False):
+                 verify_sync: bool = False, resources: dict[str, float] | None = None):
         self.settings = settings
+        self.resources = resources or {}
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.startup_timeout_s, self.call_timeout_s, self.sync_timeout_s = startup_timeout_s, call_timeout_s, sync_timeout_s
         self.log = log
@@ -72,6 +73,7 @@ class GeneratorPool:
         self.pending_sync: _PendingSync | None = None
         self.last_sync_s = 0.0
         self.stats = PoolStats()
+        self.placement: dict[str, str] = {}  # generator name -> Ray node id it ran on
         self.target = 0
         self._next_index = 0
 
@@ -80,7 +82,8 @@ class GeneratorPool:
         name = f"generator-{self._next_index}"
         self._next_index += 1
         cls = ray.remote(Generator).options(
-            name=name, num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0, max_concurrency=1,
+            name=name, num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=self.resources,
+            max_restarts=0, max_concurrency=1,
             runtime_env={"env_vars": engine_env(self.settings)})
         actor = cls.remote(name, self.settings)
         self.starting[name] = _Starting(actor, actor.info.remote(), time.monotonic())
@@ -108,7 +111,7 @@ class GeneratorPool:
                 if s.ready_ref in ready:
                     del self.starting[name]
                     try:
-                        ray.get(s.ready_ref)
+                        self.placement[name] = ray.get(s.ready_ref)["node_id"]
                     except RayActorError as e:
                         self._failed(name, s.actor, f"died while starting: {e}")
                         continue

@@ -2,6 +2,7 @@
 
     relayrl train [--config FILE.yaml] [--key.path=value ...]
     relayrl config [--config FILE.yaml] [overrides]    # print the resolved, validated config
+    relayrl submit [--address http://HEAD:8265] [--no-wait] -- [train args]   # as a Ray job
     relayrl scale --generators N [--address ADDR]      # resize a running job's generators
     relayrl stop | status [--address ADDR]            # end a running job / print its live state
     relayrl reward-server --function module:fn [--host 127.0.0.1] [--port 8000] [--max-body-bytes N]
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=_positive_int, default=8 * 2**20,
                    help="Refuse larger request bodies with 413 (default 8 MiB).")
     s.add_argument("--config", help="YAML config file whose reward section configures the scorer.")
+    s = sub.add_parser("submit", help="Submit `relayrl train` to a Ray cluster through the Jobs API.",
+                       description="Submit `relayrl train ARGS` as a Ray job (working directory uploaded). "
+                                   "Usage: relayrl submit --address http://HEAD:8265 -- [train args]")
+    s.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / Jobs API address.")
+    s.add_argument("--no-wait", action="store_true", help="Return after submitting instead of following the job.")
+    s.add_argument("--timeout", type=float, default=24 * 3600, help="Seconds to follow the job (default 1 day).")
     for name, desc in (("scale", "Change the number of generators of a running job."),
                        ("stop", "End a running job after its current step (model and summary are written)."),
                        ("status", "Print a running job's live state as JSON.")):
@@ -112,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     from cluster.control import client_auth_env
 
+    if args.cmd == "submit":
+        from cluster.submit import submit
+
+        client_auth_env()
+        return submit(args.address, [a for a in rest if a != "--"], wait=not args.no_wait, timeout_s=args.timeout,
+                      log=lambda m: print(m, flush=True))
     if args.cmd in ("scale", "stop", "status"):
         if rest:
             print(f"relayrl: unexpected arguments {rest}", file=sys.stderr)

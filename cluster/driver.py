@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from cluster.control import NAMESPACE, client_auth_env
-from core.config import Config, to_dict
+from core.config import Config, parse_resources, to_dict
 from core.messages import Prompt
 
 
@@ -146,11 +146,12 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     to, ro = cfg.timeouts, cfg.rollout
     control = start_control()
     learner = ray.remote(Learner).options(name="learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
-                                          max_restarts=0).remote(
+                                          resources=parse_resources(cfg.learner.resources), max_restarts=0).remote(
         model_path, cfg.algo, cfg.learner, cfg.steps, cfg.seed, PAD)
     rewards = RewardPool(cfg.reward, timeout_s=to.reward_s, log=log)
     pool = GeneratorPool(settings, cfg.generator.num_cpus, cfg.generator.num_gpus, to.startup_s, to.generate_s, to.sync_s,
-                         log=log, max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync)
+                         log=log, max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync,
+                         resources=parse_resources(cfg.generator.resources))
     saved = json.loads((ckpt / "driver.json").read_text()) if ckpt else None
     if saved:  # metrics logged after the checkpoint belong to the lost attempt
         _truncate_metrics(run_dir / "metrics.jsonl", saved["step"])
@@ -236,6 +237,9 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             "generator_failures": pool.stats.failures,
             "requeued_prompts": pool.stats.requeued_prompts,
             "scale_events": pool.stats.scale_events,
+            "placement": {"learner": learner_info["node_id"], **pool.placement},
+            "nodes": {n["NodeID"]: {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}
+                      for n in ray.nodes() if n["Alive"]},
             "syncs_verified": pool.stats.syncs_verified,
             "reward_worker_restarts": rewards.restarts,
             "final_model": final_dir,

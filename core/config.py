@@ -98,6 +98,35 @@ def _regex_check(v: Any) -> str | None:
     return None
 
 
+def parse_resources(spec: str) -> dict[str, float]:
+    """'generator_node=1, big_mem=0.5' -> {'generator_node': 1.0, 'big_mem': 0.5}; '' -> {}."""
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        name, eq, amount = item.partition("=")
+        name = name.strip()
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not eq or not name or not value > 0 or name in ("CPU", "GPU", "memory"):
+            raise ValueError(f"term {item!r} must look like 'resource_name=amount' with amount > 0 "
+                             f"(CPU/GPU have their own fields)")
+        out[name] = value
+    return out
+
+
+def _resources_check(v: Any) -> str | None:
+    try:
+        parse_resources(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+_RESOURCES_HELP = ("Custom Ray resources per actor, 'name=amount,...': places the actor on nodes started with "
+                   "`ray start --resources='{\"name\": N}'` (e.g. generators on some nodes, the learner on another).")
+
+
 @dataclass
 class TaskConfig:
     """The built-in task family (used when no dataset is given): reverse a word over a small alphabet."""
@@ -135,6 +164,7 @@ class GeneratorConfig:
     num_generators: int = _f(2, "Generator actors (independent of the learner).", positive)
     num_cpus: float = _f(1.0, "Ray CPUs reserved per generator.", positive)
     num_gpus: float = _f(0.0, "Ray GPUs reserved per generator (0 on CPU machines).", non_negative)
+    resources: str = _f("", _RESOURCES_HELP, _resources_check)
     temperature: float = _f(1.0, "Sampling temperature for training rollouts.", positive)
     max_new_tokens: int = _f(8, "Maximum generated tokens per completion.", positive)
     kv_cache_gib: int = _f(1, "vLLM CPU backend: GiB of host memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).", positive)
@@ -170,6 +200,7 @@ class RewardConfig:
                        "(Class.from_config(reward_config) when it has one). See docs/rewards.md.", import_path)
     num_workers: int = _f(1, "Reward actors (independent of generators).", positive)
     num_cpus: float = _f(0.25, "Ray CPUs reserved per reward actor.", positive)
+    resources: str = _f("", _RESOURCES_HELP, _resources_check)
     components: str = _f("", "With reward.function=reward.builtin:Combined: weighted terms "
                              "'module:function=weight,...' summed into the reward; each is logged as reward/<function>.",
                          _components_check)
@@ -234,6 +265,7 @@ class LearnerConfig:
     micro_batch_size: int = _f(64, "Sequences per forward/backward (gradient accumulation bounds memory).", positive)
     num_cpus: float = _f(1.0, "Ray CPUs reserved for the learner.", positive)
     num_gpus: float = _f(0.0, "Ray GPUs reserved for the learner.", non_negative)
+    resources: str = _f("", _RESOURCES_HELP, _resources_check)
     torch_threads: int = _f(2, "torch intra-op threads in the learner.", positive)
     sync_every: int = _f(1, "Publish weights to generators every N updates.", positive)
 

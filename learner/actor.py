@@ -319,5 +319,8 @@ class Learner:
         return out
 
     def info(self) -> dict:
+        import ray
+
         return {"step": self.step, "version": self.version, "device": str(self.device),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "params": sum(p.numel() for p in self.policy.parameters()), "algo": asdict(self.algo)}

@@ -42,7 +42,10 @@ class RewardPool:
             self._spawn(f"{name_prefix}-{i}")
 
     def _spawn(self, name: str) -> None:
-        cls = ray.remote(RewardWorker).options(name=name, num_cpus=self.num_cpus, max_restarts=0)
+        from core.config import parse_resources
+
+        cls = ray.remote(RewardWorker).options(name=name, num_cpus=self.num_cpus, max_restarts=0,
+                                               resources=parse_resources(self.config.resources))
         for attempt in range(100):
             try:
                 handle = cls.remote(self.config)
