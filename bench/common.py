@@ -46,11 +46,13 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def write_results(name: str, payload: dict, markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+def write_results(name: str, payload: dict, markdown: str, results_dir: str | Path | None = None) -> Path:
+    """Write RESULTS_DIR/NAME.json (payload + machine) and NAME.md; RESULTS_DIR defaults to bench/results."""
+    folder = Path(results_dir) if results_dir is not None else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}.json"
     out.write_text(json.dumps({**payload, "machine": machine()}, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown + "\n")
+    (folder / f"{name}.md").write_text(markdown + "\n")
     return out
 
 
@@ -65,3 +67,18 @@ def relayrl_train(args: list[str], run_dir: Path, name: str, timeout_s: float) -
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
     return json.loads((run_dir / name / "summary.json").read_text())
+
+
+def model_params(folder: str | Path) -> int:
+    """Parameters in a Hugging Face model folder (its safetensors files), without loading the model."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.weights import serialize_state_dict
 
-    ray.init(num_cpus=max(4, max(args.generators) + 1), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(4, max(args.generators) + 1), include_dashboard=False, log_to_driver=False,
              object_store_memory=512 * 2**20)
     rows = []
     try:

@@ -65,7 +65,14 @@ def find_control(address: str, timeout_s: float = 30.0):
 
     import ray
 
-    if address not in ("auto", "") and not address.startswith("ray://"):
+    if address in ("auto", ""):  # what ray.init(address="auto") would pick, resolved here to check it first
+        import os
+
+        current = "/tmp/ray/ray_current_cluster"
+        address = os.environ.get("RAY_ADDRESS") or (open(current).read().strip() if os.path.exists(current) else "")
+        if not address:
+            raise RuntimeError("no Ray cluster found on this machine; pass --address HOST:PORT")
+    if not address.startswith(("ray://", "http://", "https://")):
         # ray.init retries an unreachable address for minutes; a closed port should fail at once
         host, _, port = address.rpartition(":")
         try:

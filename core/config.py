@@ -289,6 +289,10 @@ class Config:
     prompts_per_step: int = _f(32, "Prompts per update (each sampled group_size times).", positive)
     checkpoint_every: int = _f(10, "Write a resumable checkpoint every N steps (0 = never; the final model is "
                                    "always saved). `relayrl train --resume RUN_DIR` continues from the latest.", non_negative)
+    eval_correct_threshold: float = _f(1.0, "A held-out completion is correct when its reward is >= this.")
+    eval_samples: int = _f(0, "Sampled completions per held-out prompt for pass@k (0 = greedy accuracy only).",
+                           non_negative)
+    eval_pass_k: int = _f(4, "k of the pass@k reported beside pass@1 when eval_samples > 0.", positive)
     eval_every: int = _f(10, "Greedy held-out evaluation every N steps (and before and after training).", positive)
     seed: int = _f(0, "Seed for data order, sampling and initialisation.")
     run_dir: str = _f("runs", "Parent folder of run directories.")
@@ -438,6 +442,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algo.minibatches: must be <= prompts_per_step ({cfg.prompts_per_step}), got {cfg.algo.minibatches}")
     if cfg.algo.estimator in ("grpo", "dr_grpo", "rloo") and cfg.algo.group_size < 2:
         raise ConfigError(f"algo.group_size: {cfg.algo.estimator} needs at least 2 samples per prompt, got {cfg.algo.group_size}")
+    if cfg.eval_samples and cfg.eval_pass_k > cfg.eval_samples:
+        raise ConfigError(f"eval_pass_k: must be <= eval_samples ({cfg.eval_samples}), got {cfg.eval_pass_k}")
     if cfg.task.dataset and not cfg.task.heldout_dataset:
         raise ConfigError("task.heldout_dataset: required when task.dataset is set (held-out accuracy is measured on it)")
     for name in ("dataset", "heldout_dataset"):

@@ -37,7 +37,7 @@ def tokenizer(world):
 def ray_session():
     import ray
 
-    ray.init(num_cpus=16, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    ray.init(address="local", num_cpus=16, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
 

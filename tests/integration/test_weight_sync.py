@@ -81,3 +81,22 @@ def test_sampler_logprobs_match_learner_logprobs(generator_pool, learner, heldou
     ray.get(learner.train_step.remote(groups), timeout=120)
     moved = _paired(groups, ray.get(learner.logprobs.remote(groups), timeout=120), 4)
     assert max(abs(a - b) for a, b in moved) > 1e-3
+
+
+def test_saved_model_is_a_folder_vllm_serves(generator_pool, learner, heldout_prompts, tmp_path):
+    """The learner's checkpoint format (Learner.save, also used for final_model/) starts a fresh vLLM engine
+    that continues exactly like the learner (after updates, so the weights are not the initial ones)."""
+    from actors.generator import EngineSettings, Generator, engine_env
+    from core.messages import GenerateRequest
+
+    for step in range(2):
+        ray.get(learner.train_step.remote(_groups(generator_pool, heldout_prompts[:16], 8, 100 + step)), timeout=120)
+    path = ray.get(learner.save.remote(str(tmp_path / "saved")), timeout=120)
+    settings = EngineSettings(model_path=path, max_model_len=64)
+    gen = ray.remote(Generator).options(num_cpus=1, runtime_env={"env_vars": engine_env(settings)}).remote("saved", settings)
+    try:
+        outs = ray.get(gen.generate.remote(GenerateRequest(tuple(heldout_prompts[:16]), 1, 0.0, 8, 0)), timeout=300)
+    finally:
+        ray.kill(gen)
+    want = ray.get(learner.greedy.remote([list(p.token_ids) for p in heldout_prompts[:16]], 8, EOS), timeout=120)
+    assert [list(c.token_ids) for c in outs] == want

@@ -55,7 +55,8 @@ def test_train_tiny_budget_end_to_end(tmp_path):
     """`relayrl train` with a tiny budget: real Ray, real vLLM, real learner; all outputs written,
     and the final checkpoint is a plain Hugging Face folder that transformers loads."""
     out = _run(["train", "--steps=2", "--prompts_per_step=8", "--eval_every=1", "--generator.num_generators=1",
-                "--algo.group_size=4", f"--run_dir={tmp_path}", "--run_name=smoke"], 600)
+                "--algo.group_size=4", "--eval_samples=4", "--eval_pass_k=4", f"--run_dir={tmp_path}",
+                "--run_name=smoke"], 600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "smoke"
     summary = json.loads((run / "summary.json").read_text())
@@ -67,6 +68,8 @@ def test_train_tiny_budget_end_to_end(tmp_path):
     assert any((run / "tensorboard").iterdir())
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:  # sampled pass@k beside greedy accuracy at every evaluation; more tries never hurt
+        assert 0.0 <= r["eval/pass@1"] <= r["eval/pass@4"] <= 1.0
     assert f"run directory: {tmp_path / 'smoke'}" in out.stdout
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
