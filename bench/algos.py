@@ -12,6 +12,7 @@ and samples/s (median over repetitions; seeds differ per repetition). Writes ben
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -32,6 +33,10 @@ VARIANTS: dict[str, list[str]] = {
     "grpo+kl adaptive": ["--algo.kl_coef=0.05", "--algo.kl_kind=k3", "--algo.kl_target=0.02"],
 }
 
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("+", "-")
+
+
 COLUMNS = [("variant", "variant", ""), ("acc_before", "held-out before", ".3f"), ("acc_after", "held-out after", ".3f"),
            ("gain", "gain", "+.3f"), ("wall_s", "wall s", ".0f"), ("samples_per_s", "samples/s", ".0f"),
            ("repeats", "runs", "d")]
@@ -45,13 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs="*", default=[], help="More overrides for every variant, e.g. --steps=20.")
     p.add_argument("--out", default="runs/bench-algos")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--from-runs", nargs="*", default=None, metavar="DIR",
+                   help="Tabulate finished runs found in these --out folders instead of running anything.")
     args = p.parse_args(argv)
 
     rows, raw = [], {}
     for name in args.only:
-        runs = []
-        for rep in range(args.repeats):
-            slug = name.replace(" ", "_").replace("+", "-") + f"-r{rep}"
+        if args.from_runs is not None:
+            found = sorted(Path(d) / f"{_slug(name)}-r{rep}" / "summary.json" for d in args.from_runs
+                           for rep in range(args.repeats))
+            runs = [json.loads(f.read_text()) for f in found if f.exists()]
+            if not runs:
+                continue
+        else:
+            runs = []
+        for rep in range(0 if args.from_runs is not None else args.repeats):
+            slug = f"{_slug(name)}-r{rep}"
             t0 = time.monotonic()
             s = relayrl_train(["--config", args.config, *VARIANTS[name], f"--seed={rep}", *args.extra],
                               Path(args.out), slug, args.timeout)

@@ -4,8 +4,9 @@
     python -m bench.weight_sync --sizes tiny --repeats 5
 
 For each model size (Llama shapes built locally, random weights) it measures:
-- floor: one in-process `reload_weights` of the same safetensors blob in a vLLM engine living in
-  this process (deserialise + checksum + vLLM's reload), i.e. what any sync must pay at least;
+- floor: one generator actor reloading the same safetensors blob it already holds in memory
+  (checksum + deserialise + vLLM's `reload_weights` + prefix-cache reset), timed inside the actor:
+  what any sync must pay at least, with no transfer and no Ray call;
 - relayrl: `learner-side serialise + ray.put` plus `GeneratorPool.sync` to N generator actors
   (object-store transfer + checksum + reload on each, in parallel, confirmed by every generator).
 Median of `--repeats` syncs after one warm-up sync (excluded for both). Writes bench/results/weight_sync.{json,md}.
@@ -14,7 +15,6 @@ Median of `--repeats` syncs after one warm-up sync (excluded for both). Writes b
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -40,25 +40,30 @@ def _build(size: str, out: str) -> int:
 
 
 def _floor(path: str, blob: bytes, checksum: str, repeats: int) -> float:
-    """In-process reload of the same blob (no Ray): the least a sync can cost."""
-    from actors.generator import EngineSettings, engine_env
+    """One generator's own reload of a blob already in its memory (checksum + vLLM's reload_weights +
+    prefix-cache reset), timed inside the actor: the least any sync can cost, with no transfer."""
+    import ray
+
+    from actors.generator import EngineSettings, Generator, engine_env
+
+    class FloorGenerator(Generator):
+        def time_reload(self, blob_ref: list, checksum: str, repeats: int) -> list[float]:
+            data = ray.get(blob_ref[0])
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                self.llm.collective_rpc("relayrl_load_weights", args=(data, checksum))
+                self.llm.reset_prefix_cache()
+                times.append(time.perf_counter() - t0)
+            return times[1:]  # the first one is warm-up
 
     settings = EngineSettings(model_path=path, max_model_len=128)
-    for k, v in engine_env(settings).items():
-        os.environ.setdefault(k, v)
-    from vllm import LLM
-
-    llm = LLM(model=path, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=128,
-              worker_extension_cls="actors.vllm_ext.WeightReceiver")
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        llm.collective_rpc("relayrl_load_weights", args=(blob, checksum))
-        llm.reset_prefix_cache()
-        if i:  # the first one is warm-up
-            times.append(time.perf_counter() - t0)
-    del llm
-    return median(times)
+    actor = ray.remote(FloorGenerator).options(num_cpus=1, runtime_env={"env_vars": engine_env(settings)}).remote(
+        "floor", settings)
+    try:
+        return median(ray.get(actor.time_reload.remote([ray.put(blob)], checksum, repeats), timeout=600))
+    finally:
+        ray.kill(actor)
 
 
 def _relayrl(path: str, state_dict, n_generators: int, repeats: int) -> tuple[float, float]:
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     md = table(rows, [("size", "model", ""), ("params_m", "params (M)", ".2f"), ("mib", "MiB", ".1f"),
-                      ("generators", "generators", "d"), ("floor_s", "floor: in-process reload s", ".3f"),
+                      ("generators", "generators", "d"), ("floor_s", "floor: reload inside the actor s", ".3f"),
                       ("publish_s", "serialise+put s", ".3f"), ("sync_s", "pool.sync s", ".3f"),
                       ("ratio", "total / floor", ".2f")])
     print(md)

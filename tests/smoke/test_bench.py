@@ -1,0 +1,34 @@
+"""Smoke test of the benchmarks, run as a user runs them (their own process), with a tiny budget.
+
+Only that they run end to end and write their results; no timing is asserted (this machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_generation_bench_tiny_budget(tmp_path):
+    """bench/generation.py: bare vLLM and relayrl's generator pool on the tiny model, 8 prompts, 1 pass each
+    (about 60-100 s on 2 cores: one in-process engine and one generator actor start in parallel)."""
+    out = subprocess.run([sys.executable, "-m", "bench.generation", "--models", "tiny", "--generators", "1",
+                          "--prompts", "8", "--repeats", "1", "--results-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "generation.json").read_text())
+    assert (tmp_path / "generation.md").exists()
+    paths = {r["path"] for r in res["rows"]}
+    assert paths == {"bare vLLM (in-process)", "relayrl rollout", "relayrl pool.generate"}
+    for r in res["rows"]:
+        assert r["tokens_per_s"] > 0 and r["ratio"] > 0, r
+        assert r["tokens"] > 0 and r["model"] == "tiny"
+    assert set(res["ratios"]) == {"tiny/1gen/relayrl rollout", "tiny/1gen/relayrl pool.generate"}
+    assert res["ratio_rollout_1gen"]["tiny"] > 0
+    assert isinstance(res["target_met"]["tiny"], bool)
+    assert res["machine"]["cpus"] >= 1
+    # every path did the same work: 8 prompts x 8 samples
+    assert all(run["samples"] == 64 for runs in res["raw"]["tiny/1"].values() for run in runs)
