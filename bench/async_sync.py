@@ -10,7 +10,8 @@ same machine, with only the rollout mode and the split of cores between roles ch
 - sync: the default (2 generators, learner with 2 torch threads);
 - async, same resources: the default with rollout.mode=async;
 - async, 1+1 cores: 1 generator and a 1-thread learner, so generation and training each own a core
-  instead of fighting over both (on 2 cores oversubscription costs more than overlap gains).
+  instead of fighting over both (on 2 cores oversubscription costs more than overlap gains);
+- sync, 1+1 cores: the same split in sync mode, so the last two rows isolate the effect of overlap.
 
 Samples/s counts trained samples over the training loop (start-up and the first evaluation excluded
 for every configuration alike); accuracy is held-out greedy exact match after the same number of
@@ -29,6 +30,8 @@ CONFIGS: dict[str, list[str]] = {
     "async, same resources": ["--rollout.mode=async"],
     "async, 1 generator + 1-thread learner": ["--rollout.mode=async", "--generator.num_generators=1",
                                               "--learner.torch_threads=1"],
+    "sync, 1 generator + 1-thread learner": ["--rollout.mode=sync", "--generator.num_generators=1",
+                                             "--learner.torch_threads=1"],
 }
 
 

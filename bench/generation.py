@@ -16,7 +16,7 @@ enforce_eager, seed, gpu_memory_utilization, max_model_len, the same worker exte
 VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_KVCACHE_SPACE):
 - bare vLLM: one `vllm.LLM.generate` call over all prompts in this process, what a user would write;
 - relayrl rollout: the training loop's path. `cluster.rollout.Rollout` streams requests of
-  rollout.prompts_per_request (4) prompts to the least-loaded generator actor, at most
+  rollout.prompts_per_request prompts (default auto: the queue split over the free slots) to the least-loaded generator actor, at most
   rollout.max_inflight_per_generator (2) outstanding each, and collects `Completion`s through Ray. The
   reward step is a no-op stub (instant zero scores), so only generation and its plumbing are timed;
 - relayrl pool.generate: `GeneratorPool.generate`, one call per generator with its share of the prompts
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=8, help="Samples per prompt (algo.group_size).")
     p.add_argument("--max-new-tokens", type=int, default=8, help="generator.max_new_tokens.")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--prompts-per-request", type=int, default=4, help="rollout.prompts_per_request.")
+    p.add_argument("--prompts-per-request", type=int, default=0, help="rollout.prompts_per_request (0 = auto, the default).")
     p.add_argument("--max-inflight", type=int, default=2, help="rollout.max_inflight_per_generator.")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bare-threads", type=int, default=1,

@@ -181,8 +181,9 @@ class RolloutConfig:
         "while the learner trains, samples lag by at most max_staleness versions.")
     max_staleness: int = _f(1, "async: most policy versions a sample may lag the learner; older ones are dropped "
                                "and counted.", non_negative)
-    prompts_per_request: int = _f(4, "Prompts per generate call (smaller = finer load balancing and streaming).",
-                                  positive)
+    prompts_per_request: int = _f(0, "Prompts per generate call; 0 = auto: the queue split evenly over the free "
+                                     "request slots (big requests keep vLLM's batches full; small ones stream and "
+                                     "balance load more finely).", non_negative)
     max_inflight_per_generator: int = _f(2, "Outstanding generate calls per generator (2 = no idle gap between "
                                             "calls).", positive)
     verify_sync: bool = _f(False, "After every weight sync, check all generators hold bit-identical weights "
