@@ -2,6 +2,7 @@
 
     python -m bench.async_sync                   # 3 configurations, 1 repetition each
     python -m bench.async_sync --repeats 3 --extra --steps=30
+    python -m bench.async_sync --from-json bench/results/async_sync.json   # re-tabulate stored runs
 
 Every configuration is the default job (examples/demo.yaml: same model, data, warm start, seed,
 steps, batch, learning rate) run through the real `relayrl train` CLI, one after the other on the
@@ -15,12 +16,14 @@ same machine, with only the rollout mode and the split of cores between roles ch
 
 Samples/s counts trained samples over the training loop (start-up and the first evaluation excluded
 for every configuration alike); accuracy is held-out greedy exact match after the same number of
-steps. Median over repetitions (seed = repetition). Writes bench/results/async_sync.{json,md}.
+steps; sync share = weight-sync seconds / step seconds (the issue's target: under 5%). Median over
+repetitions (seed = repetition). Writes bench/results/async_sync.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from bench.common import median, relayrl_train, table, write_results
@@ -35,6 +38,16 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
+def _row(name: str, runs: list[dict]) -> dict:
+    return {"config": name, "samples_per_s": median([s["samples_per_second"] for s in runs]),
+            "acc_before": median([s["heldout_accuracy_before"] for s in runs]),
+            "acc_after": median([s["heldout_accuracy_after"] for s in runs]),
+            "loop_s": median([s["train_loop_seconds"] for s in runs]),
+            "sync_share": median([s["sync_share_of_step"] for s in runs]),
+            "dropped": median([sum(s["accounting"]["prompts_dropped"].values()) for s in runs]),
+            "repeats": len(runs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=list(CONFIGS))
@@ -43,28 +56,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs="*", default=[], help="More overrides for every configuration.")
     p.add_argument("--out", default="runs/bench-async")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="Re-tabulate the runs stored in an earlier results file instead of running.")
     args = p.parse_args(argv)
 
-    rows, raw = [], {}
-    for name in args.only:
-        runs = [relayrl_train(["--config", args.config, *CONFIGS[name], f"--seed={rep}", *args.extra], Path(args.out),
-                              f"{name.split(',')[0].split()[0]}-{list(CONFIGS).index(name)}-r{rep}", args.timeout)
-                for rep in range(args.repeats)]
-        raw[name] = [{k: v for k, v in s.items() if k != "config"} for s in runs]
-        rows.append({"config": name, "samples_per_s": median([s["samples_per_second"] for s in runs]),
-                     "acc_before": median([s["heldout_accuracy_before"] for s in runs]),
-                     "acc_after": median([s["heldout_accuracy_after"] for s in runs]),
-                     "loop_s": median([s["train_loop_seconds"] for s in runs]),
-                     "dropped": median([sum(s["accounting"]["prompts_dropped"].values()) for s in runs]),
-                     "repeats": len(runs)})
-        print(rows[-1], flush=True)
+    if args.from_json:
+        stored = json.loads(Path(args.from_json).read_text())
+        raw, args.config, args.extra = stored["runs"], stored["config"], stored["extra"]
+    else:
+        raw = {}
+        for name in args.only:
+            runs = [relayrl_train(["--config", args.config, *CONFIGS[name], f"--seed={rep}", *args.extra], Path(args.out),
+                                  f"{name.split(',')[0].split()[0]}-{list(CONFIGS).index(name)}-r{rep}", args.timeout)
+                    for rep in range(args.repeats)]
+            raw[name] = [{k: v for k, v in s.items() if k != "config"} for s in runs]
+            print(_row(name, raw[name]), flush=True)
+    rows = [_row(name, runs) for name, runs in raw.items()]
     base = rows[0]["samples_per_s"]
     for r in rows:
         r["ratio"] = r["samples_per_s"] / base
     md = table(rows, [("config", "configuration", ""), ("samples_per_s", "samples/s", ".0f"),
                       ("ratio", "vs first row", ".2f"), ("acc_before", "held-out before", ".3f"),
                       ("acc_after", "held-out after", ".3f"), ("loop_s", "loop s", ".0f"),
-                      ("dropped", "prompts dropped (stale)", ".0f"), ("repeats", "runs", "d")])
+                      ("sync_share", "sync share of step", ".1%"), ("dropped", "prompts dropped (stale)", ".0f"),
+                      ("repeats", "runs", "d")])
     print(md)
     print(f"results: {write_results('async_sync', {'config': args.config, 'extra': args.extra, 'rows': rows, 'runs': raw}, md)}")
     return 0
