@@ -252,6 +252,11 @@ class AlgoConfig:
     critic_lr: float = _f(1e-3, "PPO critic learning rate.", positive)
     is_correction: Literal["none", "tis", "mis"] = _f("tis", "Off-policy correction between sampler and learner log-probs.")
     is_cap: float = _f(2.0, "Cap for truncated (tis) or masked (mis) importance weights.", positive)
+    old_logprobs: Literal["recompute", "sampler"] = _f(
+        "recompute", "Log-probs of the sampling policy for the PPO ratio: recompute (one extra no-grad forward pass of "
+        "the learner over the batch) or sampler (vLLM's own, no extra pass; right only where vLLM and the learner "
+        "agree numerically, e.g. float32 on CPU: watch the logprob_mismatch metric; is_correction then has nothing "
+        "left to correct).")
 
 
 @dataclass

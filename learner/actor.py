@@ -101,10 +101,12 @@ class Learner:
 
     @torch.no_grad()
     def _no_grad_pass(self, b: Batch) -> dict[str, torch.Tensor]:
-        """Old log-probs, reference log-probs and values over the whole batch, micro-batched."""
+        """Old log-probs (unless taken from the sampler), reference log-probs and values over the whole batch,
+        micro-batched."""
         parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
         for _, mb in self._micro(b):
-            parts["old"].append(self._logp(self.policy, mb))
+            if self.algo.old_logprobs == "recompute":
+                parts["old"].append(self._logp(self.policy, mb))
             if self.ref is not None:
                 parts["ref"].append(self._logp(self.ref, mb))
             if self.critic is not None:
@@ -147,9 +149,11 @@ class Learner:
         b = collate(groups, self.pad_id)
         mask = b.mask.to(self.device)
         self.policy.eval()  # no dropout in these models; eval() keeps sampler and learner numerics equal
-        pre = self._no_grad_pass(b)
-        adv, ret, kl = self._advantages(b, mask, pre)
         sampler_logp = b.sampler_logp.to(self.device)
+        pre = self._no_grad_pass(b)
+        if a.old_logprobs == "sampler":
+            pre["old"] = sampler_logp
+        adv, ret, kl = self._advantages(b, mask, pre)
         if a.is_correction != "none":
             is_w, is_metrics = algos.importance_weights(pre["old"], sampler_logp, mask, a.is_correction, a.is_cap)
         else:
@@ -161,12 +165,17 @@ class Learner:
         B = b.input_ids.shape[0]
         G = b.rewards_PG.shape[1]
         gen = torch.Generator().manual_seed(self.step)
+        # the first minibatch's forward pass runs the unchanged policy: its log-probs are the learner's view of
+        # the sampler's, so the mismatch metric costs nothing extra when old log-probs are not recomputed
+        mismatch = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)] \
+            if a.old_logprobs == "sampler" else None
         for _ in range(a.epochs):
             # minibatches keep groups whole (rows are ordered group by group)
             perm = torch.randperm(B // G, generator=gen)
             for group_idx in perm.chunk(a.minibatches):
                 rows = (group_idx[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
-                stats = self._optimizer_step(b.rows(rows), rows, mask, pre, adv, ret, kl, is_w, norm_const)
+                stats = self._optimizer_step(b.rows(rows), rows, mask, pre, adv, ret, kl, is_w, norm_const,
+                                             mismatch if n_updates == 0 else None)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
@@ -183,7 +192,8 @@ class Learner:
             "reward_mean": float(b.rewards_PG.mean()),
             "reward_std": float(b.rewards_PG.std(unbiased=False)),
             "kl_ref": kl_ref,
-            "logprob_mismatch": float(algos.masked_mean((pre["old"] - sampler_logp).abs(), mask)),
+            "logprob_mismatch": float(algos.masked_mean((pre["old"] - sampler_logp).abs(), mask)) if mismatch is None
+            else float(mismatch[0] / mismatch[1].clamp(min=1)),
             "response_len": float(valid.sum(1).float().mean()),
             "lr": self.sched.get_last_lr()[0],
             "train_seconds": time.monotonic() - t0,
@@ -192,7 +202,10 @@ class Learner:
         })
         return TrainStats(step=self.step, policy_version=self.version, metrics=metrics)
 
-    def _optimizer_step(self, mb_all: Batch, rows, mask, pre, adv, ret, kl, is_w, norm_const) -> dict[str, float]:
+    def _optimizer_step(self, mb_all: Batch, rows, mask, pre, adv, ret, kl, is_w, norm_const,
+                        mismatch: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimizer step over a minibatch. MISMATCH, when given: [sum |logp - sampler|, tokens] is
+        accumulated into it (the policy has not moved yet, so logp are the old log-probs)."""
         a = self.algo
         self.opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
@@ -208,6 +221,9 @@ class Learner:
             share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / len(rows))
             logits = self._logits(self.policy, mb)
             logp = algos.token_logprobs(logits, mb.input_ids[:, 1:].to(self.device))
+            if mismatch is not None:
+                mismatch[0] += ((logp.detach() - pre["old"][idx]).abs() * m).sum()
+                mismatch[1] += m.sum()
             pg, pm = algos.policy_loss(
                 logp, pre["old"][idx], adv[idx], m, clip_low=a.clip_low, clip_high=a.clip_high,
                 dual_clip=a.dual_clip or None, agg=a.loss_agg, norm_const=norm_const,
@@ -305,7 +321,7 @@ class Learner:
     def logprobs(self, groups: list[Group]) -> list[list[float]]:
         """The learner's log-probs of each completion's tokens (same order as the groups' completions)."""
         b = collate(groups, self.pad_id)
-        lp = self._no_grad_pass(b)["old"].cpu()
+        lp = torch.cat([self._logp(self.policy, mb) for _, mb in self._micro(b)]).cpu()
         return [lp[i][b.mask[i].bool()].tolist() for i in range(lp.shape[0])]
 
     @torch.no_grad()

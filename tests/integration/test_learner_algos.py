@@ -95,3 +95,38 @@ def test_each_estimator_and_kl_mode_trains(name, world, tokenizer, heldout_promp
         assert learner.kl_coef == pytest.approx(0.1 * 0.9 * 1.1, rel=1e-9)
     else:
         assert learner.kl_coef == algo.kl_coef
+
+
+def _shift(groups: list[Group], delta: float) -> list[Group]:
+    """The same groups with every sampler log-prob moved by DELTA (a sampler that disagrees with the learner)."""
+    return [Group(g.prompt, tuple(Completion(c.prompt, c.token_ids, tuple(x + delta for x in c.logprobs), c.text,
+                                             c.finish_reason, c.policy_version, c.generator)
+                                  for c in g.completions), g.rewards) for g in groups]
+
+
+def test_sampler_logprobs_as_old_skip_the_recompute_and_change_nothing_when_they_agree(world, tokenizer,
+                                                                                      heldout_prompts):
+    """algo.old_logprobs=sampler: where the sampler's log-probs equal the learner's (float32 on CPU), the update is
+    the one recomputing would give, and logprob_mismatch (then measured on the first minibatch's forward pass)
+    still reports a sampler that disagrees."""
+    torch.set_num_threads(1)
+    learners = {mode: Learner(world.model_path, AlgoConfig(group_size=G, old_logprobs=mode),
+                              LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
+                for mode in ("recompute", "sampler")}
+    groups = _groups(learners["recompute"], tokenizer, heldout_prompts[:8], seed=0)
+    before = {k: v.clone() for k, v in learners["recompute"].policy.state_dict().items()}
+    stats = {mode: lrn.train_step(groups) for mode, lrn in learners.items()}
+
+    after = {mode: lrn.policy.state_dict() for mode, lrn in learners.items()}
+    moved = max(float((after["recompute"][k] - v).abs().max()) for k, v in before.items())
+    apart = max(float((after["sampler"][k] - after["recompute"][k]).abs().max()) for k in before)
+    assert moved > 1e-4 and apart < 1e-3 * moved, (moved, apart)
+    for mode in learners:
+        assert stats[mode].metrics["logprob_mismatch"] < 1e-6
+        assert stats[mode].metrics["policy_loss"] == pytest.approx(stats["recompute"].metrics["policy_loss"],
+                                                                   rel=1e-4, abs=1e-7)
+
+    # a sampler 0.25 nats off on every token: both modes see it (sampler mode on its first minibatch's tokens)
+    fresh = Learner(world.model_path, AlgoConfig(group_size=G, old_logprobs="sampler"),
+                    LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
+    assert fresh.train_step(_shift(groups, -0.25)).metrics["logprob_mismatch"] == pytest.approx(0.25, abs=1e-4)
