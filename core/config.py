@@ -274,6 +274,9 @@ class LearnerConfig:
     resources: str = _f("", _RESOURCES_HELP, _resources_check)
     torch_threads: int = _f(2, "torch intra-op threads in the learner.", positive)
     sync_every: int = _f(1, "Publish weights to generators every N updates.", positive)
+    shared_prefix: bool = _f(True, "Run each group's prompt through the policy and reference once and its "
+                             "completions on top of the cached prompt keys/values (exact; saves (G-1)/G of the "
+                             "prompt compute). False: one plain pass per row, for models without a KV cache.")
 
 
 @dataclass

@@ -4,7 +4,8 @@ groups into one PPO-family update, and publishes versioned weights.
 It only unpacks config and calls the pure functions of `learner.algos`; no RL math lives here.
 One update, in order:
   1. collate groups into a right-padded batch (learner.batch);
-  2. no-grad pass: the learner's "old" log-probs, the reference's, the critic's values;
+  2. no-grad pass: the learner's "old" log-probs, the reference's, the critic's values (policy and
+     reference run each group's prompt once: learner.forward);
   3. advantages by the configured estimator;
   4. `epochs` x `minibatches` optimizer steps, each accumulated over micro-batches;
   5. scalar health metrics, read once at the end.
@@ -26,6 +27,7 @@ from core.messages import Group, TrainStats, WeightsHandle
 from core.weights import serialize_state_dict
 from learner import algos
 from learner.batch import Batch, collate
+from learner.forward import batch_logits
 
 
 class ValueModel(torch.nn.Module):
@@ -88,8 +90,7 @@ class Learner:
     # ------------------------------------------------------------------ forward passes
     def _logits(self, model, b: Batch) -> torch.Tensor:
         with self.autocast:
-            out = model(input_ids=b.input_ids.to(self.device), attention_mask=b.attention_mask.to(self.device))
-        return out.logits[:, :-1].float()
+            return batch_logits(model, b, self.device, self.cfg.shared_prefix)
 
     def _logp(self, model, b: Batch) -> torch.Tensor:
         return algos.token_logprobs(self._logits(model, b), b.input_ids[:, 1:].to(self.device))

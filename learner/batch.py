@@ -23,11 +23,13 @@ class Batch:
     sampler_logp: torch.Tensor    # (B, W-1) float, vLLM's log-probs at masked positions, 0 elsewhere
     rewards_PG: torch.Tensor      # (P, G) float
     versions: torch.Tensor        # (B,) long, policy version that sampled each row
+    prompt_len: torch.Tensor      # (B,) long, prompt tokens at the start of each row
+    group_id: torch.Tensor        # (B,) long, index of the row's group (rows of one group share the prompt)
 
     def rows(self, idx: torch.Tensor) -> "Batch":
         """Sub-batch of rows `idx` (rewards_PG is not sliced: it belongs to the whole batch)."""
         return Batch(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.sampler_logp[idx],
-                     self.rewards_PG, self.versions[idx])
+                     self.rewards_PG, self.versions[idx], self.prompt_len[idx], self.group_id[idx])
 
 
 def collate(groups: list[Group], pad_id: int) -> Batch:
@@ -35,10 +37,12 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
     sizes = {len(g.completions) for g in groups}
     if len(sizes) != 1:
         raise ValueError(f"all groups must have the same size, got sizes {sorted(sizes)}")
-    seqs, masks, lps, versions = [], [], [], []
-    for g in groups:
+    seqs, masks, lps, versions, plen, gid = [], [], [], [], [], []
+    for gi, g in enumerate(groups):
         p = list(g.prompt.token_ids)
         for c in g.completions:
+            plen.append(len(p))
+            gid.append(gi)
             seqs.append(p + list(c.token_ids))
             # target index j (predicting token j+1) is a completion token iff j+1 >= len(p)
             masks.append([0.0] * (len(p) - 1) + [1.0] * len(c.token_ids))
@@ -56,4 +60,4 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
         mask[i, : len(m)] = torch.tensor(m)
         slp[i, : len(lp)] = torch.tensor(lp)
     rewards = torch.tensor([list(g.rewards) for g in groups], dtype=torch.float32)
-    return Batch(input_ids, attn, mask, slp, rewards, torch.tensor(versions))
+    return Batch(input_ids, attn, mask, slp, rewards, torch.tensor(versions), torch.tensor(plen), torch.tensor(gid))
