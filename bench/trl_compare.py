@@ -23,7 +23,7 @@ the same resolved relayrl config:
   algo.minibatches optimizer steps (TRL: generation reused over steps_per_generation, each optimizer step
   accumulated over micro-batches of learner.micro_batch_size); TRL max_steps = steps x minibatches, so both
   train on the same number of samples;
-- optimizer: AdamW, learning rate, weight decay, grad-norm clip, constant schedule (TRL's default decay is
+- optimizer: fused AdamW (torch.optim.AdamW(fused=True); TRL optim="adamw_torch_fused"), learning rate, weight decay, grad-norm clip, constant schedule (TRL's default decay is
   turned off), warm-up; sampling: temperature 1, top-p 1, no top-k, max_new_tokens (TRL max_completion_length);
 - seed: the same number (data order and sampling streams differ between the frameworks all the same).
 Known differences: relayrl divides by the population std of each group (+1e-6), TRL by the sample std (+1e-4);
@@ -294,7 +294,7 @@ def trl_worker(spec_path: str) -> int:
     args = GRPOConfig(
         output_dir=str(out_dir / "trainer"), use_cpu=True, bf16=False, fp16=False, seed=spec["seed"],
         data_seed=spec["seed"], learning_rate=spec["lr"], lr_scheduler_type=sched, warmup_steps=spec["warmup_steps"],
-        weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"], optim="adamw_torch",
+        weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"], optim="adamw_torch_fused",
         per_device_train_batch_size=spec["per_device"], gradient_accumulation_steps=spec["grad_accum"],
         generation_batch_size=spec["prompts_per_step"] * spec["group_size"], num_generations=spec["group_size"],
         max_completion_length=max_new, temperature=spec["temperature"], top_p=1.0, top_k=0,

@@ -98,7 +98,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int):
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads, max_position_embeddings=max_len,
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     return LlamaForCausalLM(mc)
 
