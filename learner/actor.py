@@ -102,18 +102,26 @@ class Learner:
             yield s, b.rows(torch.arange(s, min(B, s + self.cfg.micro_batch_size)))
 
     @torch.no_grad()
-    def _no_grad_pass(self, b: Batch) -> dict[str, torch.Tensor]:
+    def _no_grad_pass(self, b: Batch, old_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Old log-probs (unless taken from the sampler), reference log-probs and values over the whole batch,
-        micro-batched."""
-        parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
+        micro-batched. OLD_ROWS, when given: compute old log-probs for these rows only (zeros elsewhere)."""
+        parts: dict[str, list[torch.Tensor]] = {"ref": [], "values": []}
         for _, mb in self._micro(b):
-            if self.algo.old_logprobs == "recompute":
-                parts["old"].append(self._logp(self.policy, mb))
             if self.ref is not None:
                 parts["ref"].append(self._logp(self.ref, mb))
             if self.critic is not None:
                 parts["values"].append(self.critic(mb.input_ids.to(self.device), mb.attention_mask.to(self.device))[:, :-1].float())
-        return {k: torch.cat(v) for k, v in parts.items() if v}
+        pre = {k: torch.cat(v) for k, v in parts.items() if v}
+        if self.algo.old_logprobs == "recompute":
+            sub = b if old_rows is None else b.rows(old_rows)
+            old = [self._logp(self.policy, mb) for _, mb in self._micro(sub)] if len(sub.input_ids) else []
+            if old_rows is None:
+                pre["old"] = torch.cat(old)
+            else:
+                pre["old"] = torch.zeros(b.mask.shape, device=self.device)
+                if old:
+                    pre["old"][old_rows.to(self.device)] = torch.cat(old)
+        return pre
 
     # ------------------------------------------------------------------ advantages
     def _advantages(self, b: Batch, mask, pre: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -152,35 +160,45 @@ class Learner:
         mask = b.mask.to(self.device)
         self.policy.eval()  # no dropout in these models; eval() keeps sampler and learner numerics equal
         sampler_logp = b.sampler_logp.to(self.device)
-        pre = self._no_grad_pass(b)
+        B = b.input_ids.shape[0]
+        G = b.rewards_PG.shape[1]
+        gen = torch.Generator().manual_seed(self.step)
+        perms = [torch.randperm(B // G, generator=gen) for _ in range(a.epochs)]
+        minibatch_rows = [[(gi[:, None] * G + torch.arange(G)[None, :]).reshape(-1) for gi in p.chunk(a.minibatches)]
+                          for p in perms]  # minibatches keep groups whole (rows are ordered group by group)
+        # The first optimizer step runs the unchanged policy, so its rows' old log-probs are its own forward
+        # pass, detached: the no-grad pass skips them unless the advantages need old log-probs first (KL to a
+        # reference). With one minibatch and one epoch the no-grad policy pass disappears.
+        lazy_rows = minibatch_rows[0][0] if a.old_logprobs == "recompute" and self.ref is None else None
+        old_rows = None
+        if lazy_rows is not None:
+            keep = torch.ones(B, dtype=torch.bool)
+            keep[lazy_rows] = False
+            old_rows = keep.nonzero().squeeze(1)
+        pre = self._no_grad_pass(b, old_rows)
         if a.old_logprobs == "sampler":
             pre["old"] = sampler_logp
         adv, ret, kl = self._advantages(b, mask, pre)
-        if a.is_correction != "none":
-            is_w, is_metrics = algos.importance_weights(pre["old"], sampler_logp, mask, a.is_correction, a.is_cap)
-        else:
-            is_w, is_metrics = None, {}
         norm_const = float(mask.sum(1).max().clamp(min=1))  # max completion length in the batch (Dr. GRPO)
 
         sums: dict[str, float] = {}
         n_updates = 0
-        B = b.input_ids.shape[0]
-        G = b.rewards_PG.shape[1]
-        gen = torch.Generator().manual_seed(self.step)
         # the first minibatch's forward pass runs the unchanged policy: its log-probs are the learner's view of
         # the sampler's, so the mismatch metric costs nothing extra when old log-probs are not recomputed
         mismatch = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)] \
             if a.old_logprobs == "sampler" else None
-        for _ in range(a.epochs):
-            # minibatches keep groups whole (rows are ordered group by group)
-            perm = torch.randperm(B // G, generator=gen)
-            for group_idx in perm.chunk(a.minibatches):
-                rows = (group_idx[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
-                stats = self._optimizer_step(b.rows(rows), rows, mask, pre, adv, ret, kl, is_w, norm_const,
-                                             mismatch if n_updates == 0 else None)
+        for epoch_rows in minibatch_rows:
+            for rows in epoch_rows:
+                first = n_updates == 0
+                stats = self._optimizer_step(b.rows(rows), rows, mask, pre, adv, ret, kl, sampler_logp, norm_const,
+                                             mismatch if first else None, fill_old=first and lazy_rows is not None)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
+        if a.is_correction != "none":  # the weights each micro-batch used, summarised over the batch
+            _, is_metrics = algos.importance_weights(pre["old"], sampler_logp, mask, a.is_correction, a.is_cap)
+        else:
+            is_metrics = {}
         self.sched.step()
         self.step += 1
         kl_ref = float(algos.masked_mean(kl, mask))
@@ -204,10 +222,11 @@ class Learner:
         })
         return TrainStats(step=self.step, policy_version=self.version, metrics=metrics)
 
-    def _optimizer_step(self, mb_all: Batch, rows, mask, pre, adv, ret, kl, is_w, norm_const,
-                        mismatch: list[torch.Tensor] | None = None) -> dict[str, float]:
+    def _optimizer_step(self, mb_all: Batch, rows, mask, pre, adv, ret, kl, sampler_logp, norm_const,
+                        mismatch: list[torch.Tensor] | None = None, fill_old: bool = False) -> dict[str, float]:
         """One optimizer step over a minibatch. MISMATCH, when given: [sum |logp - sampler|, tokens] is
-        accumulated into it (the policy has not moved yet, so logp are the old log-probs)."""
+        accumulated into it (the policy has not moved yet, so logp are the old log-probs). FILL_OLD: the
+        policy has not moved yet and these rows' old log-probs were not computed: write logp, detached."""
         a = self.algo
         self.opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
@@ -223,13 +242,18 @@ class Learner:
             share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / len(rows))
             logits = self._logits(self.policy, mb)
             logp = algos.token_logprobs(logits, mb.input_ids[:, 1:].to(self.device))
+            if fill_old:
+                pre["old"][idx] = logp.detach()
+            is_w = None
+            if a.is_correction != "none":
+                is_w, _ = algos.importance_weights(pre["old"][idx], sampler_logp[idx], m, a.is_correction, a.is_cap)
             if mismatch is not None:
                 mismatch[0] += ((logp.detach() - pre["old"][idx]).abs() * m).sum()
                 mismatch[1] += m.sum()
             pg, pm = algos.policy_loss(
                 logp, pre["old"][idx], adv[idx], m, clip_low=a.clip_low, clip_high=a.clip_high,
                 dual_clip=a.dual_clip or None, agg=a.loss_agg, norm_const=norm_const,
-                is_weights_BT=None if is_w is None else is_w[idx])
+                is_weights_BT=is_w)
             loss = pg
             ent = algos.aggregate(algos.entropy_from_logits(logits), m, a.loss_agg, norm_const)
             if a.entropy_coef:

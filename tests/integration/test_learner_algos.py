@@ -130,3 +130,26 @@ def test_sampler_logprobs_as_old_skip_the_recompute_and_change_nothing_when_they
     fresh = Learner(world.model_path, AlgoConfig(group_size=G, old_logprobs="sampler"),
                     LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
     assert fresh.train_step(_shift(groups, -0.25)).metrics["logprob_mismatch"] == pytest.approx(0.25, abs=1e-4)
+
+
+def test_recompute_takes_the_first_minibatchs_old_logprobs_from_its_own_forward(world, tokenizer, heldout_prompts):
+    """With no reference model the no-grad pass skips the first minibatch's rows (the policy has not moved when
+    that minibatch runs, so its forward pass is the old log-probs); the update equals the full recompute's."""
+    torch.set_num_threads(1)
+    algo = AlgoConfig(group_size=G, minibatches=2, epochs=2)
+    lazy, full = (Learner(world.model_path, algo, LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0,
+                          PAD) for _ in range(2))
+    seen = []
+    lazy_pass, full_pass = lazy._no_grad_pass, full._no_grad_pass
+    lazy._no_grad_pass = lambda b, old_rows=None: (seen.append(len(old_rows)), lazy_pass(b, old_rows))[1]
+    full._no_grad_pass = lambda b, old_rows=None: full_pass(b, None)  # every row, before any update
+    groups = _groups(full, tokenizer, heldout_prompts[:8], seed=0)
+    before = {k: v.clone() for k, v in full.policy.state_dict().items()}
+    s_lazy, s_full = lazy.train_step(groups), full.train_step(groups)
+
+    assert seen == [16]  # 8 prompts x 4 samples = 32 rows; the first of 2 minibatches' 16 come from its forward
+    moved = max(float((full.policy.state_dict()[k] - v).abs().max()) for k, v in before.items())
+    apart = max(float((lazy.policy.state_dict()[k] - full.policy.state_dict()[k]).abs().max()) for k in before)
+    assert moved > 1e-4 and apart < 1e-3 * moved, (moved, apart)
+    for key in ("policy_loss", "approx_kl", "is_mean", "logprob_mismatch"):
+        assert s_lazy.metrics[key] == pytest.approx(s_full.metrics[key], rel=1e-4, abs=1e-6), key
