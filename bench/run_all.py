@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from bench import algos, async_sync, generation, weight_sync
+from bench import algos, async_sync, generation, learner_step, weight_sync
 
 
 def main() -> int:
-    for bench in (weight_sync, generation, async_sync, algos):
+    for bench in (learner_step, weight_sync, generation, async_sync, algos):
         rc = bench.main([])
         if rc:
             return rc

@@ -1,0 +1,106 @@
+"""One learner update, the way relayrl does it against the plain way, on the same batch in one process.
+
+    .venv/bin/python -m bench.learner_step                 # 27M parameters, 32 prompts x 8 samples (~3 min)
+    .venv/bin/python -m bench.learner_step --model tiny
+
+Each variant is a real `Learner` on the same randomly initialised Llama (timing does not depend on the
+weights), fed the same groups shaped like the default job's (7-token prompts, 6-token completions):
+- plain: one forward per row (learner.shared_prefix=false), old log-probs by a full no-grad pass
+  (the first minibatch's rows included) and the per-tensor AdamW loop; what TRL's GRPOTrainer also does;
+- shared prefix: each group's prompt once (learner.shared_prefix, the default);
+- + reuse: the default: shared prefix, fused AdamW, the first minibatch's old log-probs from its own forward;
+- + sampler: the same with algo.old_logprobs=sampler (vLLM's log-probs, no no-grad policy pass).
+Variants run interleaved, one warm-up update each; the median seconds per update is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+
+import torch
+
+from bench.common import median, table, write_results
+
+SHAPES = {"tiny": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256),
+          "large": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1536)}
+
+
+def _model(shape: str) -> tuple[str, int]:
+    from cluster.world import build_model
+    from core.config import ModelConfig
+
+    path = tempfile.mkdtemp(prefix="relayrl-bench-learner-")
+    model = build_model(ModelConfig(**SHAPES[shape]), vocab_size=12, max_len=64, seed=0)
+    model.save_pretrained(path, safe_serialization=True)
+    return path, sum(p.numel() for p in model.parameters())
+
+
+def _groups(prompts: int, group: int, seed: int):
+    from core.messages import Completion, Group, Prompt
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(prompts):
+        p = Prompt(i, "", (1, *(rng.randint(3, 10) for _ in range(6))), "")
+        comps = tuple(Completion(p, tuple(rng.randint(3, 10) for _ in range(6)), (-1.5,) * 6, "", "stop", 0, "g")
+                      for _ in range(group))
+        out.append(Group(p, comps, tuple(rng.random() for _ in range(group))))
+    return out
+
+
+def _learner(path: str, variant: str, threads: int):
+    from core.config import AlgoConfig, LearnerConfig
+    from learner.actor import Learner
+
+    algo = AlgoConfig(old_logprobs="sampler" if variant == "+ sampler" else "recompute")
+    learner = Learner(path, algo, LearnerConfig(torch_threads=threads, shared_prefix=variant != "plain"), 100, 0)
+    if variant in ("plain", "shared prefix"):  # undo the two other savings: per-tensor AdamW, full no-grad pass
+        learner.opt = torch.optim.AdamW(learner.policy.parameters(), lr=learner.cfg.lr, fused=False)
+        full_pass = learner._no_grad_pass
+        learner._no_grad_pass = lambda b, old_rows=None: full_pass(b, None)
+    return learner
+
+
+VARIANTS = ("plain", "shared prefix", "+ reuse", "+ sampler")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(SHAPES), default="large")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (learner.torch_threads).")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--results-dir", default=None)
+    args = p.parse_args(argv)
+
+    path, params = _model(args.model)
+    learners = {v: _learner(path, v, args.threads) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for rep in range(args.repeats + 1):
+        for v, learner in learners.items():
+            groups = _groups(args.prompts, args.group, seed=rep)
+            t0 = time.perf_counter()
+            learner.train_step(groups)
+            if rep:  # the first round is warm-up
+                times[v].append(time.perf_counter() - t0)
+    base = median(times["plain"])
+    rows = [{"variant": v, "s": median(times[v]), "speedup": base / median(times[v]), "runs": len(times[v])}
+            for v in VARIANTS]
+    md = table(rows, [("variant", "variant", ""), ("s", "s per update (median)", ".2f"),
+                      ("speedup", "vs plain", ".2f"), ("runs", "runs", "d")])
+    md += (f"\n\nModel: {args.model} ({params / 1e6:.2f}M parameters), {args.prompts} prompts x {args.group} samples, "
+           f"7-token prompts, 6-token completions, 2 minibatches, micro-batch 64, {args.threads} torch threads.")
+    print(md)
+    suffix = "" if args.model == "large" else f"_{args.model}"
+    out = write_results(f"learner_step{suffix}", {"args": vars(args), "params": params, "rows": rows,
+                                                  "times": times}, md, args.results_dir)
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
