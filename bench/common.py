@@ -12,6 +12,11 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The environment as the user started the benchmark. Creating a vLLM engine in this process (bare-vLLM
+# baselines, final evaluations) rewrites os.environ (LD_PRELOAD=libgomp, LOCAL_WORLD_SIZE, VLLM_* ...), and a
+# `relayrl train` started after that inherited it and generated 2-3x slower; every side starts from this copy.
+CLEAN_ENV = dict(os.environ)
+
 
 def machine() -> dict:
     """What the numbers were measured on (goes into every result file)."""
@@ -63,7 +68,7 @@ def relayrl_train(args: list[str], run_dir: Path, name: str, timeout_s: float) -
     log_path = run_dir / f"{name}.log"
     cmd = [sys.executable, "-m", "cluster.cli", "train", *args, f"--run_dir={run_dir}", f"--run_name={name}"]
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, env=CLEAN_ENV)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
     return json.loads((run_dir / name / "summary.json").read_text())

@@ -67,7 +67,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import median, model_params, relayrl_train, table, write_results
+from bench.common import CLEAN_ENV, median, model_params, relayrl_train, table, write_results
 
 TRL_MODES = {"vllm": "TRL (vLLM colocate)", "hf": "TRL (transformers generate)"}
 LARGE = ["--model.hidden_size=512", "--model.num_layers=8", "--model.num_heads=8", "--model.intermediate_size=1536",
@@ -347,7 +347,7 @@ def run_trl(spec: dict, timeout_s: float) -> tuple[dict, float]:
     t0 = time.monotonic()
     with open(log, "w") as fh:
         proc = subprocess.run([sys.executable, "-m", "bench.trl_compare", "--trl-worker", str(out_dir / "spec.json")],
-                              stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s)
+                              stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s, env=CLEAN_ENV)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"TRL run failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # every run starts its own local Ray (as `relayrl train` does on a machine with no cluster), even where someone
     # keeps a `ray start` cluster on this machine: ray.init() with no address would attach to that one
-    os.environ["RAY_ADDRESS"] = "local"
+    os.environ["RAY_ADDRESS"] = CLEAN_ENV["RAY_ADDRESS"] = "local"
     from cluster.world import ensure_world
     from core.config import load_config
 
