@@ -8,8 +8,10 @@ weights), fed the same groups shaped like the default job's (7-token prompts, 6-
 - plain: one forward per row (learner.shared_prefix=false), old log-probs by a full no-grad pass
   (the first minibatch's rows included) and the per-tensor AdamW loop; what TRL's GRPOTrainer also does;
 - shared prefix: each group's prompt once (learner.shared_prefix, the default);
-- + reuse: the default: shared prefix, fused AdamW, the first minibatch's old log-probs from its own forward;
-- + sampler: the same with algo.old_logprobs=sampler (vLLM's log-probs, no no-grad policy pass).
+- + reuse: shared prefix, fused AdamW, the first minibatch's old log-probs from its own forward
+  (algo.old_logprobs=recompute: the default on GPU);
+- + sampler: the same with vLLM's log-probs as old log-probs, no no-grad policy pass (algo.old_logprobs=sampler;
+  what the default, auto, does on CPU for fresh samples).
 Variants run interleaved, one warm-up update each; the median seconds per update is reported.
 """
 
@@ -60,7 +62,7 @@ def _learner(path: str, variant: str, threads: int):
     if variant in ("plain", "shared prefix"):  # undo the two other savings: per-tensor AdamW, full no-grad pass
         learner.opt = torch.optim.AdamW(learner.policy.parameters(), lr=learner.cfg.lr, fused=False)
         full_pass = learner._no_grad_pass
-        learner._no_grad_pass = lambda b, old_rows=None: full_pass(b, None)
+        learner._no_grad_pass = lambda b, old_rows=None, **kw: full_pass(b, None, **kw)
     return learner
 
 

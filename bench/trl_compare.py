@@ -27,8 +27,9 @@ the same resolved relayrl config:
   turned off), warm-up; sampling: temperature 1, top-p 1, no top-k, max_new_tokens (TRL max_completion_length);
 - seed: the same number (data order and sampling streams differ between the frameworks all the same).
 Known differences: relayrl divides by the population std of each group (+1e-6), TRL by the sample std (+1e-4);
-relayrl multiplies in truncated importance weights between vLLM's and the learner's log-probs (~1 here, FACTS:
-they agree within 1e-6); TRL shuffles a generation batch across optimizer steps, relayrl keeps groups whole.
+relayrl's PPO ratio takes vLLM's log-probs as the old ones (its CPU default, algo.old_logprobs=auto: they equal
+the learner's within ~3e-7 here) where TRL recomputes them with a no-grad pass (the same numbers, the work
+relayrl saves); TRL shuffles a generation batch across optimizer steps, relayrl keeps groups whole.
 TRL runs twice, once per generation back-end TRL offers on one machine (--trl-generation picks):
 - vLLM colocate (use_vllm=True, vllm_mode="colocate"): one process, vLLM engine beside the trainer, weights
   pushed into it with model.load_weights after each update. It works on vLLM's CPU backend with TRL 1.16 +

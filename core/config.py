@@ -252,11 +252,13 @@ class AlgoConfig:
     critic_lr: float = _f(1e-3, "PPO critic learning rate.", positive)
     is_correction: Literal["none", "tis", "mis"] = _f("tis", "Off-policy correction between sampler and learner log-probs.")
     is_cap: float = _f(2.0, "Cap for truncated (tis) or masked (mis) importance weights.", positive)
-    old_logprobs: Literal["recompute", "sampler"] = _f(
-        "recompute", "Log-probs of the sampling policy for the PPO ratio: recompute (one extra no-grad forward pass of "
-        "the learner over the batch) or sampler (vLLM's own, no extra pass; right only where vLLM and the learner "
-        "agree numerically, e.g. float32 on CPU: watch the logprob_mismatch metric; is_correction then has nothing "
-        "left to correct).")
+    old_logprobs: Literal["auto", "recompute", "sampler"] = _f(
+        "auto", "Log-probs of the sampling policy for the PPO ratio: recompute (one no-grad forward pass of the "
+        "learner over the batch, less the first minibatch), sampler (vLLM's own, no extra pass; right only where "
+        "vLLM and the learner agree numerically, e.g. float32 on CPU: watch the logprob_mismatch metric), or auto: "
+        "the sampler's for a batch the current policy version generated while the learner runs float32 on CPU "
+        "(where they are the same numbers, ~1e-7 apart), and recompute otherwise (GPU bf16, stale samples, or "
+        "once a step measures a mean |mismatch| above 1e-3). The old_from_sampler metric says which was used.")
 
 
 @dataclass

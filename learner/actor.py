@@ -5,7 +5,9 @@ It only unpacks config and calls the pure functions of `learner.algos`; no RL ma
 One update, in order:
   1. collate groups into a right-padded batch (learner.batch);
   2. no-grad pass: the learner's "old" log-probs, the reference's, the critic's values (policy and
-     reference run each group's prompt once: learner.forward);
+     reference run each group's prompt once: learner.forward). The old log-probs are vLLM's own instead
+     when they are the same numbers (algo.old_logprobs=auto on CPU, fresh samples), and are never
+     recomputed for the first minibatch, whose training forward runs the unchanged policy;
   3. advantages by the configured estimator;
   4. `epochs` x `minibatches` optimizer steps, each accumulated over micro-batches;
   5. scalar health metrics, read once at the end.
@@ -13,6 +15,7 @@ One update, in order:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -28,6 +31,9 @@ from core.weights import serialize_state_dict
 from learner import algos
 from learner.batch import Batch, collate
 from learner.forward import batch_logits
+
+log = logging.getLogger(__name__)
+AUTO_MISMATCH = 1e-3  # algo.old_logprobs=auto: mean |vLLM - learner| log-prob above which old log-probs are recomputed
 
 
 class ValueModel(torch.nn.Module):
@@ -83,6 +89,10 @@ class Learner:
                            if self.critic is not None else None)
         self.step = 0
         self.version = 0
+        self._published_step: int | None = 0  # self.step when the generators' weights were put; None = unknown
+        # algo.old_logprobs=auto takes the sampler's log-probs while they are the learner's own numbers: float32
+        # on CPU (bf16 autocast on GPU rounds differently); a measured disagreement turns it off for good
+        self._sampler_exact = self.device.type == "cpu"
         self.kl_coef = algo.kl_coef  # moves each update when algo.kl_target > 0 (adaptive controller)
         # autocast to bf16 on GPU; exact float32 on CPU (where bf16 matmuls are slower, not faster)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -102,9 +112,10 @@ class Learner:
             yield s, b.rows(torch.arange(s, min(B, s + self.cfg.micro_batch_size)))
 
     @torch.no_grad()
-    def _no_grad_pass(self, b: Batch, old_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Old log-probs (unless taken from the sampler), reference log-probs and values over the whole batch,
-        micro-batched. OLD_ROWS, when given: compute old log-probs for these rows only (zeros elsewhere)."""
+    def _no_grad_pass(self, b: Batch, old_rows: torch.Tensor | None = None,
+                      recompute: bool = True) -> dict[str, torch.Tensor]:
+        """Old log-probs (when RECOMPUTE), reference log-probs and values over the whole batch, micro-batched.
+        OLD_ROWS, when given: compute old log-probs for these rows only (zeros elsewhere)."""
         parts: dict[str, list[torch.Tensor]] = {"ref": [], "values": []}
         for _, mb in self._micro(b):
             if self.ref is not None:
@@ -112,7 +123,7 @@ class Learner:
             if self.critic is not None:
                 parts["values"].append(self.critic(mb.input_ids.to(self.device), mb.attention_mask.to(self.device))[:, :-1].float())
         pre = {k: torch.cat(v) for k, v in parts.items() if v}
-        if self.algo.old_logprobs == "recompute":
+        if recompute:
             sub = b if old_rows is None else b.rows(old_rows)
             old = [self._logp(self.policy, mb) for _, mb in self._micro(sub)] if len(sub.input_ids) else []
             if old_rows is None:
@@ -169,14 +180,15 @@ class Learner:
         # The first optimizer step runs the unchanged policy, so its rows' old log-probs are its own forward
         # pass, detached: the no-grad pass skips them unless the advantages need old log-probs first (KL to a
         # reference). With one minibatch and one epoch the no-grad policy pass disappears.
-        lazy_rows = minibatch_rows[0][0] if a.old_logprobs == "recompute" and self.ref is None else None
+        from_sampler = self._old_from_sampler(b)
+        lazy_rows = minibatch_rows[0][0] if not from_sampler and self.ref is None else None
         old_rows = None
         if lazy_rows is not None:
             keep = torch.ones(B, dtype=torch.bool)
             keep[lazy_rows] = False
             old_rows = keep.nonzero().squeeze(1)
-        pre = self._no_grad_pass(b, old_rows)
-        if a.old_logprobs == "sampler":
+        pre = self._no_grad_pass(b, old_rows, recompute=not from_sampler)
+        if from_sampler:
             pre["old"] = sampler_logp
         adv, ret, kl = self._advantages(b, mask, pre)
         norm_const = float(mask.sum(1).max().clamp(min=1))  # max completion length in the batch (Dr. GRPO)
@@ -186,7 +198,7 @@ class Learner:
         # the first minibatch's forward pass runs the unchanged policy: its log-probs are the learner's view of
         # the sampler's, so the mismatch metric costs nothing extra when old log-probs are not recomputed
         mismatch = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)] \
-            if a.old_logprobs == "sampler" else None
+            if from_sampler else None
         for epoch_rows in minibatch_rows:
             for rows in epoch_rows:
                 first = n_updates == 0
@@ -202,6 +214,10 @@ class Learner:
         self.sched.step()
         self.step += 1
         kl_ref = float(algos.masked_mean(kl, mask))
+        if from_sampler and a.old_logprobs == "auto" and float(mismatch[0] / mismatch[1].clamp(min=1)) > AUTO_MISMATCH:
+            self._sampler_exact = False  # the sampler's numbers are not the learner's here: recompute from now on
+            log.warning("old_logprobs=auto: vLLM's log-probs are %.2e from the learner's (> %.0e); recomputing "
+                        "them from the next step on", float(mismatch[0] / mismatch[1].clamp(min=1)), AUTO_MISMATCH)
         metrics = {k: v / n_updates for k, v in sums.items()}
         metrics["kl_coef"] = self.kl_coef
         if a.kl_target > 0:
@@ -214,6 +230,7 @@ class Learner:
             "kl_ref": kl_ref,
             "logprob_mismatch": float(algos.masked_mean((pre["old"] - sampler_logp).abs(), mask)) if mismatch is None
             else float(mismatch[0] / mismatch[1].clamp(min=1)),
+            "old_from_sampler": float(from_sampler),
             "response_len": float(valid.sum(1).float().mean()),
             "lr": self.sched.get_last_lr()[0],
             "train_seconds": time.monotonic() - t0,
@@ -221,6 +238,15 @@ class Learner:
             "max_staleness": float(self.version - int(b.versions.min())),
         })
         return TrainStats(step=self.step, policy_version=self.version, metrics=metrics)
+
+    def _old_from_sampler(self, b: Batch) -> bool:
+        """Whether this batch's old log-probs are the sampler's (see algo.old_logprobs)."""
+        mode = self.algo.old_logprobs
+        if mode != "auto":
+            return mode == "sampler"
+        # the sampler ran exactly the weights the learner holds now: the current version, no update since its put
+        return (self._sampler_exact and self._published_step == self.step
+                and int(b.versions.min()) == int(b.versions.max()) == self.version)
 
     def _optimizer_step(self, mb_all: Batch, rows, mask, pre, adv, ret, kl, sampler_logp, norm_const,
                         mismatch: list[torch.Tensor] | None = None, fill_old: bool = False) -> dict[str, float]:
@@ -289,6 +315,7 @@ class Learner:
         import ray
 
         self.version += 1
+        self._published_step = self.step
         blob, checksum = serialize_state_dict(self.policy.state_dict())
         ref = ray.put(blob)
         return WeightsHandle(version=self.version, blob_ref=[ref], num_bytes=len(blob), checksum=checksum)
@@ -339,6 +366,7 @@ class Learner:
             self.critic.load_state_dict(state["critic"])
             self.critic_opt.load_state_dict(state["critic_opt"])
         self.step, self.version, self.kl_coef = state["step"], state["version"], state["kl_coef"]
+        self._published_step = None  # the generators' weights are unknown until the next publish
         torch.set_rng_state(state["torch_rng"])
         return {"step": self.step, "version": self.version}
 

@@ -136,13 +136,13 @@ def test_recompute_takes_the_first_minibatchs_old_logprobs_from_its_own_forward(
     """With no reference model the no-grad pass skips the first minibatch's rows (the policy has not moved when
     that minibatch runs, so its forward pass is the old log-probs); the update equals the full recompute's."""
     torch.set_num_threads(1)
-    algo = AlgoConfig(group_size=G, minibatches=2, epochs=2)
+    algo = AlgoConfig(group_size=G, minibatches=2, epochs=2, old_logprobs="recompute")
     lazy, full = (Learner(world.model_path, algo, LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0,
                           PAD) for _ in range(2))
     seen = []
     lazy_pass, full_pass = lazy._no_grad_pass, full._no_grad_pass
-    lazy._no_grad_pass = lambda b, old_rows=None: (seen.append(len(old_rows)), lazy_pass(b, old_rows))[1]
-    full._no_grad_pass = lambda b, old_rows=None: full_pass(b, None)  # every row, before any update
+    lazy._no_grad_pass = lambda b, old_rows=None, **kw: (seen.append(len(old_rows)), lazy_pass(b, old_rows, **kw))[1]
+    full._no_grad_pass = lambda b, old_rows=None, **kw: full_pass(b, None, **kw)  # every row, before any update
     groups = _groups(full, tokenizer, heldout_prompts[:8], seed=0)
     before = {k: v.clone() for k, v in full.policy.state_dict().items()}
     s_lazy, s_full = lazy.train_step(groups), full.train_step(groups)
@@ -153,3 +153,48 @@ def test_recompute_takes_the_first_minibatchs_old_logprobs_from_its_own_forward(
     assert moved > 1e-4 and apart < 1e-3 * moved, (moved, apart)
     for key in ("policy_loss", "approx_kl", "is_mean", "logprob_mismatch"):
         assert s_lazy.metrics[key] == pytest.approx(s_full.metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def _at_version(groups: list[Group], version: int) -> list[Group]:
+    """The same groups, as if sampled by policy VERSION."""
+    return [Group(g.prompt, tuple(Completion(c.prompt, c.token_ids, c.logprobs, c.text, c.finish_reason, version,
+                                             c.generator) for c in g.completions), g.rewards) for g in groups]
+
+
+def test_auto_old_logprobs_take_the_samplers_only_for_the_weights_the_learner_holds(world, tokenizer, heldout_prompts,
+                                                                                    ray_session):
+    """algo.old_logprobs=auto (the default) on CPU: vLLM's log-probs serve as old log-probs exactly when the batch
+    was sampled by the weights the learner holds (its current version, no update since they were published); a
+    learner that has moved, stale samples, or a sampler measured to disagree get the recompute."""
+    torch.set_num_threads(1)
+    lrn = Learner(world.model_path, AlgoConfig(group_size=G), LearnerConfig(lr=1e-3, torch_threads=1,
+                                                                           micro_batch_size=12), 10, 0, PAD)
+    assert lrn.algo.old_logprobs == "auto"
+    recomputed = []
+    no_grad = lrn._no_grad_pass
+    lrn._no_grad_pass = lambda b, old_rows=None, recompute=True: (recomputed.append(recompute),
+                                                                  no_grad(b, old_rows, recompute))[1]
+    groups = _groups(lrn, tokenizer, heldout_prompts[:8], seed=0)  # version 0: the weights the learner starts with
+
+    def used_sampler(batch) -> bool:
+        flag = lrn.train_step(batch).metrics["old_from_sampler"]
+        assert flag == (not recomputed[-1])  # the metric says what the no-grad pass did
+        return bool(flag)
+
+    assert used_sampler(groups)  # fresh samples of the weights held: no recompute
+    assert not used_sampler(groups)  # the learner has moved since (no publish): recompute
+    lrn.publish()  # version 1, put at this step
+    assert not used_sampler(groups)  # samples of version 0 are stale now
+    lrn.publish()  # version 2
+    fresh = _groups(lrn, tokenizer, heldout_prompts[:8], seed=1)
+    assert used_sampler(_at_version(fresh, 2))
+    lrn.publish()  # version 3; a sampler 0.25 nats off: used once, measured, then never again
+    off = _shift(_at_version(_groups(lrn, tokenizer, heldout_prompts[:8], seed=2), 3), -0.25)
+    stats = lrn.train_step(off)
+    assert stats.metrics["old_from_sampler"] == 1.0 and stats.metrics["logprob_mismatch"] > 0.2
+    lrn.publish()  # version 4
+    assert not used_sampler(_at_version(_groups(lrn, tokenizer, heldout_prompts[:8], seed=3), 4))
+
+    forced = Learner(world.model_path, AlgoConfig(group_size=G, old_logprobs="recompute"),
+                     LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
+    assert forced.train_step(groups).metrics["old_from_sampler"] == 0.0
