@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def relayrl_train(args: list[str], run_dir: Path, name: str, timeout_s: float) -
     """Run `relayrl train ARGS` as a user would (its own process, its own local Ray) into RUN_DIR/NAME;
     return its summary.json. Raises with the log tail on failure."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / name, ignore_errors=True)  # a rerun replaces its previous outputs (relayrl refuses to mix)
     log_path = run_dir / f"{name}.log"
     cmd = [sys.executable, "-m", "cluster.cli", "train", *args, f"--run_dir={run_dir}", f"--run_name={name}"]
     with open(log_path, "w") as log:

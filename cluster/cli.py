@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:  # raised before Ray or vLLM start
         print(f"relayrl: data error: {e}", file=sys.stderr)
         return 2
+    except ConfigError as e:  # e.g. a run directory that already holds a run; raised before anything starts
+        print(f"relayrl: config error: {e}", file=sys.stderr)
+        return 2
     return 0 if summary else 1
 
 

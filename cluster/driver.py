@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from cluster.control import NAMESPACE, client_auth_env
-from core.config import Config, parse_resources, to_dict
+from core.config import Config, ConfigError, parse_resources, to_dict
 from core.messages import Prompt
 
 
@@ -117,6 +117,8 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    if not resume:
+        check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log(f"run directory: {run_dir}")
@@ -263,6 +265,20 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
 
 class LearnerFailed(RuntimeError):
     pass
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints", "final_model")
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A new run never writes into another run's directory: its metrics would be appended to the old ones
+    (mixing two runs in metrics.jsonl, TensorBoard and the plots) and its checkpoints mixed with theirs.
+    Raises ConfigError, before anything starts, naming what is there and the ways out."""
+    held = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if held:
+        raise ConfigError(f"run_name: {run_dir} already holds a run ({', '.join(held)}); continue it with "
+                          f"`relayrl train --resume {run_dir}`, or start afresh under another --run_name (empty = a "
+                          f"timestamp) or after removing that directory")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

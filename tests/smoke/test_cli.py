@@ -72,6 +72,15 @@ def test_train_tiny_budget_end_to_end(tmp_path):
         assert 0.0 <= r["eval/pass@1"] <= r["eval/pass@4"] <= 1.0
     assert f"run directory: {tmp_path / 'smoke'}" in out.stdout
 
+    # the same name again, without --resume: refused before anything starts, the first run's outputs untouched
+    metrics_before = (run / "metrics.jsonl").read_bytes()
+    t0 = time.monotonic()
+    again = _run(["train", "--steps=2", f"--run_dir={tmp_path}", "--run_name=smoke"], 60)
+    assert again.returncode == 2 and time.monotonic() - t0 < 20
+    assert f"config error: run_name: {run} already holds a run (metrics.jsonl, summary.json" in again.stderr
+    assert "--resume" in again.stderr and "Started a local Ray instance" not in again.stderr + again.stdout
+    assert (run / "metrics.jsonl").read_bytes() == metrics_before
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(run / "final_model")
