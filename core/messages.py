@@ -96,15 +96,16 @@ class ScoreResult:
 class WeightsHandle:
     """A published policy version.
 
-    `blob_ref` is a Ray ObjectRef to safetensors-serialised weights, wrapped in a list by the
-    sender so that Ray passes the reference through instead of resolving it at the call site.
+    `blob_ref` is a Ray ObjectRef to safetensors-serialised weights (a uint8 numpy array, read
+    zero-copy from the object store; core/weights.py), wrapped in a list by the sender so that Ray
+    passes the reference through instead of resolving it at the call site.
     """
 
     version: int
     blob_ref: list
     num_bytes: int
     checksum: str
-    """sha256 of the serialised blob; generators check it so a torn transfer cannot be served."""
+    """CRC-32 of the serialised blob ('crc32:<hex>'); generators check it so a torn transfer cannot be served."""
 
 
 @dataclass(frozen=True)

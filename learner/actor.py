@@ -89,6 +89,7 @@ class Learner:
                            if self.critic is not None else None)
         self.step = 0
         self.version = 0
+        self._blob = None  # publish()'s serialisation buffer, reused
         self._published_step: int | None = 0  # self.step when the generators' weights were put; None = unknown
         # algo.old_logprobs=auto takes the sampler's log-probs while they are the learner's own numbers: float32
         # on CPU (bf16 autocast on GPU rounds differently); a measured disagreement turns it off for good
@@ -316,9 +317,10 @@ class Learner:
 
         self.version += 1
         self._published_step = self.step
-        blob, checksum = serialize_state_dict(self.policy.state_dict())
-        ref = ray.put(blob)
-        return WeightsHandle(version=self.version, blob_ref=[ref], num_bytes=len(blob), checksum=checksum)
+        blob, checksum = serialize_state_dict(self.policy.state_dict(), out=self._blob)
+        ref = ray.put(blob)  # copies into the object store: the buffer is free to reuse next time
+        self._blob = blob
+        return WeightsHandle(version=self.version, blob_ref=[ref], num_bytes=blob.nbytes, checksum=checksum)
 
     def save(self, out_dir: str) -> str:
         """Write a plain Hugging Face folder (model + tokenizer) atomically; returns its path."""
