@@ -246,6 +246,11 @@ class AlgoConfig:
     entropy_coef: float = _f(0.0, "Entropy bonus coefficient.", non_negative)
     epochs: int = _f(1, "Passes over each batch.", positive)
     minibatches: int = _f(2, "Optimizer steps per epoch (the batch is split into this many minibatches).", positive)
+    minibatch_split: Literal["groups", "samples"] = _f(
+        "groups", "How each epoch splits the batch into minibatches: groups (a random split of whole groups: each "
+        "prompt runs once per epoch in the shared-prefix forward) or samples (a random split of all samples, as "
+        "TRL, OpenRLHF and veRL shuffle: every minibatch sees about 1/minibatches of every group; each group's "
+        "prompt then runs once per minibatch).")
     gamma: float = _f(1.0, "PPO/GAE discount.", unit_interval)
     lam: float = _f(0.95, "PPO/GAE lambda.", unit_interval)
     value_clip: float = _f(0.2, "PPO critic value clipping epsilon (0 = off).", non_negative)

@@ -175,9 +175,13 @@ class Learner:
         B = b.input_ids.shape[0]
         G = b.rewards_PG.shape[1]
         gen = torch.Generator().manual_seed(self.step)
-        perms = [torch.randperm(B // G, generator=gen) for _ in range(a.epochs)]
-        minibatch_rows = [[(gi[:, None] * G + torch.arange(G)[None, :]).reshape(-1) for gi in p.chunk(a.minibatches)]
-                          for p in perms]  # minibatches keep groups whole (rows are ordered group by group)
+        if a.minibatch_split == "groups":  # rows are ordered group by group; minibatches keep groups whole
+            minibatch_rows = [[(gi[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
+                               for gi in torch.randperm(B // G, generator=gen).chunk(a.minibatches)]
+                              for _ in range(a.epochs)]
+        else:  # any samples together; sorted, so a group's rows stay adjacent for the shared-prefix forward
+            minibatch_rows = [[rows.sort().values for rows in torch.randperm(B, generator=gen).chunk(a.minibatches)]
+                              for _ in range(a.epochs)]
         # The first optimizer step runs the unchanged policy, so its rows' old log-probs are its own forward
         # pass, detached: the no-grad pass skips them unless the advantages need old log-probs first (KL to a
         # reference). With one minibatch and one epoch the no-grad policy pass disappears.

@@ -198,3 +198,25 @@ def test_auto_old_logprobs_take_the_samplers_only_for_the_weights_the_learner_ho
     forced = Learner(world.model_path, AlgoConfig(group_size=G, old_logprobs="recompute"),
                      LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
     assert forced.train_step(groups).metrics["old_from_sampler"] == 0.0
+
+
+@pytest.mark.parametrize("split", ["groups", "samples"])
+def test_minibatch_split_covers_every_row_once_per_epoch(world, tokenizer, heldout_prompts, split):
+    """algo.minibatch_split: groups puts each group's G rows in one minibatch; samples spreads groups over the
+    minibatches (as TRL shuffles), rows sorted so the shared-prefix forward still finds each group's rows together.
+    Either way every row is trained once per epoch."""
+    torch.set_num_threads(1)
+    lrn = Learner(world.model_path, AlgoConfig(group_size=G, minibatches=2, epochs=2, minibatch_split=split),
+                  LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
+    seen = []
+    step = lrn._optimizer_step
+    lrn._optimizer_step = lambda mb, rows, *args, **kw: (seen.append(rows.clone()), step(mb, rows, *args, **kw))[1]
+    stats = lrn.train_step(_groups(lrn, tokenizer, heldout_prompts[:8], seed=0))  # 8 groups x 4 = 32 rows
+    assert math.isfinite(stats.metrics["policy_loss"]) and len(seen) == 4
+    for epoch in (seen[:2], seen[2:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(32))
+        groups_per_minibatch = [set((rows // G).tolist()) for rows in epoch]
+        split_groups = groups_per_minibatch[0] & groups_per_minibatch[1]
+        assert (len(split_groups) == 0) if split == "groups" else (len(split_groups) >= 1)
+    for rows in seen:
+        assert torch.equal(rows.sort().values, rows) or split == "groups"
