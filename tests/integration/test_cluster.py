@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,6 +32,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # the cluster's token, from the environment as the README says to deploy it; a fresh machine has no
+    # ~/.ray/auth_token, and `ray start` with token auth on and no token refuses to start
+    env.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     gcs, dash = _free_port(), _free_port()
     logs = tmp_path_factory.mktemp("ray-nodes")
     procs = []
