@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=list(CONFIGS))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--config", default="examples/demo.yaml")
-    p.add_argument("--extra", nargs="*", default=[], help="More overrides for every configuration.")
+    p.add_argument("--extra", nargs="*", action="extend", default=[],
+                   help="More relayrl overrides for every configuration, one per --extra=, e.g. --extra=--steps=20.")
     p.add_argument("--out", default="runs/bench-async")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--from-json", default=None, metavar="FILE",

@@ -29,7 +29,8 @@ the same resolved relayrl config:
 Known differences: relayrl divides by the population std of each group (+1e-6), TRL by the sample std (+1e-4);
 relayrl's PPO ratio takes vLLM's log-probs as the old ones (its CPU default, algo.old_logprobs=auto: they equal
 the learner's within ~3e-7 here) where TRL recomputes them with a no-grad pass (the same numbers, the work
-relayrl saves); TRL shuffles a generation batch across optimizer steps, relayrl keeps groups whole.
+relayrl saves); TRL shuffles a generation batch across optimizer steps, relayrl keeps groups whole by default
+(--extra=--algo.minibatch_split=samples makes relayrl shuffle the same way).
 TRL runs twice, once per generation back-end TRL offers on one machine (--trl-generation picks):
 - vLLM colocate (use_vllm=True, vllm_mode="colocate"): one process, vLLM engine beside the trainer, weights
   pushed into it with model.load_weights after each update. It works on vLLM's CPU backend with TRL 1.16 +
@@ -68,12 +69,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import CLEAN_ENV, median, model_params, relayrl_train, table, write_results
+from bench.common import CLEAN_ENV, LARGE_MODEL, median, model_params, relayrl_train, table, write_results
 
 TRL_MODES = {"vllm": "TRL (vLLM colocate)", "hf": "TRL (transformers generate)"}
-LARGE = ["--model.hidden_size=512", "--model.num_layers=8", "--model.num_heads=8", "--model.intermediate_size=1536",
-         "--model.warmstart_lr=2e-4",  # 80 SFT steps at 2e-4: ~0.34 held-out (1e-3 leaves this size at ~0.10)
-         "--learner.lr=3e-5"]  # for both sides; at 1e-4 held-out accuracy falls from 0.34 to 0.10 in 10 steps
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -393,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--target", type=float, default=0.5, help="Held-out accuracy for the time-to-target column.")
     p.add_argument("--config", default="examples/demo.yaml")
-    p.add_argument("--extra", nargs="*", default=[], help="More relayrl overrides; shared fields apply to TRL too.")
+    p.add_argument("--extra", nargs="*", action="extend", default=[],
+                   help="More relayrl overrides, one per --extra= (e.g. --extra=--steps=20); shared fields apply to TRL too.")
     p.add_argument("--trl-generation", nargs="*", choices=list(TRL_MODES), default=list(TRL_MODES),
                    help="TRL's generation back-ends to run: vllm = vLLM colocate (use_vllm, vllm_mode=colocate), "
                         "hf = transformers generate (default: both).")
@@ -419,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     finals, params, acc_start, worlds = [], None, [], []
     for rep in range(args.repeats):
         # no mid-run checkpoints: TRL saves none in these runs either (save_strategy="no"); both save the final model
-        overrides = [*(LARGE if args.model == "large" else []), *([f"--steps={args.steps}"] if args.steps else []),
+        overrides = [*(LARGE_MODEL if args.model == "large" else []), *([f"--steps={args.steps}"] if args.steps else []),
                      "--checkpoint_every=0", f"--seed={rep}", *args.extra]
         cfg = load_config(args.config, overrides)
         world = ensure_world(cfg)  # built (once, cached) before any side is timed
@@ -466,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                      "wall_s": median([r["process_wall_seconds"] for r in runs]), "repeats": len(runs)})
     for r in rows:
         r["relayrl_speedup"] = rows[0]["samples_per_s"] / r["samples_per_s"]
-    cfg0 = load_config(args.config, [*(LARGE if args.model == "large" else []),
+    cfg0 = load_config(args.config, [*(LARGE_MODEL if args.model == "large" else []),
                                      *([f"--steps={args.steps}"] if args.steps else []), *args.extra])
     md = table(rows, [("framework", "framework", ""), ("samples_per_s", "samples/s", ".0f"),
                       ("relayrl_speedup", "relayrl speed-up", ".2f"), ("acc_start", "held-out start", ".3f"),
