@@ -38,8 +38,10 @@ test: install tools
 test-unit: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
-bench: install
+## Every benchmark: learner update, weight sync, generation, async vs sync, algorithms, then TRL (tiny model)
+bench: install bench-env
 	$(BIN)/python -m bench.run_all
+	$(BENCH_BIN)/python -m bench.trl_compare
 
 clean:
 	rm -rf $(VENV) .relayrl_cache runs
