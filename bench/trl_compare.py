@@ -181,7 +181,8 @@ def final_accuracies(cfg, world, folders: dict[str, str]) -> dict[str, dict[str,
 
 
 # --------------------------------------------------------------------------------------------- TRL side
-def trl_spec(cfg, config_path: str, overrides: list[str], world, out_dir: Path, use_vllm: bool) -> dict:
+def trl_spec(cfg, config_path: str, overrides: list[str], world, out_dir: Path, use_vllm: bool,
+             seed_offset: int = 0) -> dict:
     """Everything the TRL process needs, from the resolved relayrl config."""
     from core.config import to_dict
 
@@ -198,7 +199,7 @@ def trl_spec(cfg, config_path: str, overrides: list[str], world, out_dir: Path, 
     if per_opt % micro:
         raise SystemExit(f"samples per optimizer step ({per_opt}) must be a multiple of learner.micro_batch_size")
     return {"model_path": world.model_path, "train_path": world.train_path, "heldout_path": world.heldout_path,
-            "out_dir": str(out_dir), "seed": cfg.seed, "steps": cfg.steps, "minibatches": a.minibatches,
+            "out_dir": str(out_dir), "seed": cfg.seed + seed_offset, "steps": cfg.steps, "minibatches": a.minibatches,
             "eval_every": cfg.eval_every, "prompts_per_step": cfg.prompts_per_step, "group_size": a.group_size,
             "per_device": micro, "grad_accum": per_opt // micro, "lr": lc.lr, "weight_decay": lc.weight_decay,
             "max_grad_norm": lc.max_grad_norm, "warmup_steps": lc.warmup_steps * a.minibatches,
@@ -389,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="tiny: the default 0.67M model; large: 27M parameters (hidden 512, 8 layers, 8 heads), lr 3e-5.")
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: the config's, 60 in examples/demo.yaml).")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seeds", nargs="*", type=int, default=None,
+                   help="Seeds to run, one repetition each (default 0..repeats-1); a seed picks the warm start too.")
+    p.add_argument("--trl-seed-offset", type=int, default=0,
+                   help="TRL's seed (sampling, data order) = the run's seed + this, on the same warm start: "
+                        "another draw of TRL's own run-to-run spread (TRL repeats exactly for a given seed).")
     p.add_argument("--target", type=float, default=0.5, help="Held-out accuracy for the time-to-target column.")
     p.add_argument("--config", default="examples/demo.yaml")
     p.add_argument("--extra", nargs="*", action="extend", default=[],
@@ -416,15 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     sides_all = ["relayrl", *(TRL_MODES[m] for m in args.trl_generation)]
     rows_raw: dict[str, list[dict]] = {side: [] for side in sides_all}
     finals, params, acc_start, worlds = [], None, [], []
-    for rep in range(args.repeats):
+    seeds = args.seeds if args.seeds else list(range(args.repeats))
+    for rep, seed in enumerate(seeds):
         # no mid-run checkpoints: TRL saves none in these runs either (save_strategy="no"); both save the final model
         overrides = [*(LARGE_MODEL if args.model == "large" else []), *([f"--steps={args.steps}"] if args.steps else []),
-                     "--checkpoint_every=0", f"--seed={rep}", *args.extra]
+                     "--checkpoint_every=0", f"--seed={seed}", *args.extra]
         cfg = load_config(args.config, overrides)
         world = ensure_world(cfg)  # built (once, cached) before any side is timed
         worlds.append(world.model_path)
         params = model_params(world.model_path)
-        name = f"{args.model}-r{rep}"
+        name = f"{args.model}-r{rep}" + (f"-s{seed}" if args.seeds else "")
         order = sides_all[rep % len(sides_all):] + sides_all[:rep % len(sides_all)]  # who runs first rotates
         got = {}
         for side in order:
@@ -437,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 mode = next(m for m, label in TRL_MODES.items() if label == side)
                 res, wall = run_trl(trl_spec(cfg, args.config, overrides, world, out / f"trl-{mode}-{name}",
-                                             mode == "vllm"), args.timeout)
+                                             mode == "vllm", args.trl_seed_offset), args.timeout)
                 got[side] = {**res, "process_wall_seconds": wall}
             print(f"[{name}] {side}: {got[side]['samples_per_second']:.0f} samples/s, held-out "
                   f"{got[side]['heldout_accuracy_before']:.3f} -> {got[side]['heldout_accuracy_after']:.3f}, "
@@ -478,10 +485,12 @@ def main(argv: list[str] | None = None) -> int:
            f"new tokens, lr {cfg0.learner.lr:g}. relayrl: {cfg0.generator.num_generators} vLLM generators, "
            f"{cfg0.rollout.mode} mode. TRL {trl.__version__} on CPU, one process. Samples/s and loop seconds exclude "
            f"start-up and held-out evaluations; held-out accuracy: greedy, judged by the job's reward as relayrl "
-           f"judges it, the same function on every final model; medians over {args.repeats} run(s).")
+           f"judges it, the same function on every final model; medians over {len(seeds)} run(s) (seeds {seeds}"
+           + (f"; TRL's sampling seed = seed + {args.trl_seed_offset}" if args.trl_seed_offset else "") + ").")
     print(md)
     payload = {"model": args.model, "params": params, "config": args.config, "extra": args.extra,
-               "steps": cfg0.steps, "target": args.target, "trl_generation": args.trl_generation, "rows": rows,
+               "steps": cfg0.steps, "target": args.target, "seeds": seeds,
+               "trl_seed_offset": args.trl_seed_offset, "trl_generation": args.trl_generation, "rows": rows,
                "runs": rows_raw, "final_accuracies": finals, "worlds": worlds}
     name = "trl_compare" + ("" if args.model == "tiny" else f"_{args.model}")
     print(f"results: {write_results(name, payload, md, args.results_dir)}")
