@@ -3,6 +3,7 @@
     make bench-trl                                     # = .venv-bench/bin/python -m bench.trl_compare
     make bench-trl ARGS="--model large"                # 27M parameters, lr 3e-5 (~40 min per repetition)
     .venv-bench/bin/python -m bench.trl_compare --steps 2 --results-dir /tmp/trl   # a quick check
+    make bench-trl ARGS="--model large --seeds 1 --trl-seed-offset 1000 --trl-generation hf"  # TRL's spread
 
 TRL lives in the bench environment only (`make bench-env` -> .venv-bench, pinned in
 bench/requirements-trl.txt); both sides run from that environment, so torch, transformers and vLLM are the
