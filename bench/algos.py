@@ -8,7 +8,8 @@ Each variant is the default job (examples/demo.yaml: same model, task, warm star
 batch) with only the algorithm fields changed, run through the real `relayrl train` CLI one after
 the other on the same machine. Reports held-out greedy accuracy before/after, the gain, wall time
 and samples/s (median over repetitions; repetition r runs seed r, its own warm start, so every variant sees
-the same seeds), and each run's held-out accuracy after. Writes bench/results/algos[_large].{json,md}.
+the same seeds; --seeds picks them), and each run's held-out accuracy after.
+Writes bench/results/algos[_large].{json,md}.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=list(VARIANTS), help="Variants to run (default: all).")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seeds", nargs="*", type=int, default=None,
+                   help="Seeds to run, one repetition each (default 0..repeats-1); a seed picks the warm start too.")
     p.add_argument("--model", choices=["tiny", "large"], default="tiny",
                    help="tiny: the default 0.67M model; large: 27M parameters, lr 3e-5 (as bench/trl_compare.py).")
     p.add_argument("--config", default="examples/demo.yaml")
@@ -69,20 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     model = LARGE_MODEL if args.model == "large" else []
 
     runs: dict[str, list[dict]] = {name: [] for name in args.only}
+    seeds = args.seeds if args.seeds else list(range(args.repeats))
     if args.from_runs is not None:
         for name in args.only:
-            found = sorted(Path(d) / f"{_slug(name)}-r{rep}" / "summary.json" for d in args.from_runs
-                           for rep in range(args.repeats))
+            found = sorted(Path(d) / f"{_slug(name)}-r{seed}" / "summary.json" for d in args.from_runs
+                           for seed in seeds)
             runs[name] = [json.loads(f.read_text()) for f in found if f.exists()]
     else:
-        for rep in range(args.repeats):  # repetition-major: a slow patch of the machine hits every variant alike
+        for seed in seeds:  # seed-major: a slow patch of the machine hits every variant alike
             for name in args.only:
                 t0 = time.monotonic()
-                s = relayrl_train(["--config", args.config, *model, *VARIANTS[name], f"--seed={rep}", *args.extra],
-                                  out_dir, f"{_slug(name)}-r{rep}", args.timeout)
+                s = relayrl_train(["--config", args.config, *model, *VARIANTS[name], f"--seed={seed}", *args.extra],
+                                  out_dir, f"{_slug(name)}-r{seed}", args.timeout)
                 runs[name].append(s)
-                print(f"{name} (run {rep + 1}/{args.repeats}): held-out {s['heldout_accuracy_before']:.3f} -> "
-                      f"{s['heldout_accuracy_after']:.3f} in {time.monotonic() - t0:.0f}s", flush=True)
+                print(f"{name} (seed {seed}, run {len(runs[name])}/{len(seeds)}): held-out "
+                      f"{s['heldout_accuracy_before']:.3f} -> {s['heldout_accuracy_after']:.3f} in "
+                      f"{time.monotonic() - t0:.0f}s", flush=True)
     rows, raw = [], {}
     for name, got in runs.items():
         if not got:
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows, COLUMNS)
     print(md)
     out = write_results(f"algos{suffix}", {"model": args.model, "config": args.config, "extra": args.extra,
-                                           "rows": rows, "runs": raw}, md, args.results_dir)
+                                           "seeds": seeds, "rows": rows, "runs": raw}, md, args.results_dir)
     print(f"results: {out}")
     return 0
 

@@ -50,12 +50,12 @@ def test_algos_bench_tiny_budget(tmp_path):
     """bench/algos.py: two variants through the real `relayrl train` CLI, 2 steps each, one table and one JSON."""
     extra = ["--steps=2", "--prompts_per_step=8", "--eval_every=2", "--generator.num_generators=1",
              "--algo.group_size=4"]
-    out = subprocess.run([sys.executable, "-m", "bench.algos", "--only", "grpo", "grpo samples-split",
+    out = subprocess.run([sys.executable, "-m", "bench.algos", "--only", "grpo", "grpo samples-split", "--seeds", "0",
                           *(f"--extra={e}" for e in extra), "--out", str(tmp_path / "runs"),
                           "--results-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "algos.json").read_text())
-    assert res["model"] == "tiny" and res["extra"] == extra
+    assert res["model"] == "tiny" and res["extra"] == extra and res["seeds"] == [0]
     assert [r["variant"] for r in res["rows"]] == ["grpo", "grpo samples-split"]
     for r in res["rows"]:
         assert r["repeats"] == 1 and 0.0 <= r["acc_after"] <= 1.0 and r["per_run"] == f"{r['acc_after']:.3f}", r
@@ -69,7 +69,7 @@ def test_algos_bench_tiny_budget(tmp_path):
 
 
 def test_algos_bench_rejects_an_unknown_variant(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench.algos", "--only", "grpo", "gpro", "--results-dir", str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "bench.algos", "--only", "grpo", "gpro",
+                          "--results-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "unknown variant(s) ['gpro']" in out.stderr
     assert not (tmp_path / "algos.json").exists()
