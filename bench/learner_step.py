@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.learner_step                 # 27M parameters, 32 prompts x 8 samples (~3 min)
     .venv/bin/python -m bench.learner_step --model tiny
+    .venv/bin/python -m bench.learner_step --estimator ppo  # PPO: policy + critic, GAE (~6 min)
 
 Each variant is a real `Learner` on the same randomly initialised Llama (timing does not depend on the
 weights), fed the same groups shaped like the default job's (7-token prompts, 6-token completions):
@@ -12,6 +13,8 @@ weights), fed the same groups shaped like the default job's (7-token prompts, 6-
   (algo.old_logprobs=recompute: the default on GPU);
 - + sampler: the same with vLLM's log-probs as old log-probs, no no-grad policy pass (algo.old_logprobs=sampler;
   what the default, auto, does on CPU for fresh samples).
+With `--estimator ppo` the critic (a second copy of the body, learner/forward.ValueModel) runs the same way
+as the policy in each variant: once per row in plain, each group's prompt once from shared prefix on.
 Variants run interleaved, one warm-up update each; the median seconds per update is reported.
 """
 
@@ -53,14 +56,16 @@ def _groups(prompts: int, group: int, seed: int):
     return out
 
 
-def _learner(path: str, variant: str, threads: int):
+def _learner(path: str, variant: str, threads: int, estimator: str):
     from core.config import AlgoConfig, LearnerConfig
     from learner.actor import Learner
 
-    algo = AlgoConfig(old_logprobs="sampler" if variant == "+ sampler" else "recompute")
+    algo = AlgoConfig(estimator=estimator, old_logprobs="sampler" if variant == "+ sampler" else "recompute")
     learner = Learner(path, algo, LearnerConfig(torch_threads=threads, shared_prefix=variant != "plain"), 100, 0)
     if variant in ("plain", "shared prefix"):  # undo the two other savings: per-tensor AdamW, full no-grad pass
         learner.opt = torch.optim.AdamW(learner.policy.parameters(), lr=learner.cfg.lr, fused=False)
+        if learner.critic is not None:
+            learner.critic_opt = torch.optim.AdamW(learner.critic.parameters(), lr=algo.critic_lr, fused=False)
         full_pass = learner._no_grad_pass
         learner._no_grad_pass = lambda b, old_rows=None, **kw: full_pass(b, None, **kw)
     return learner
@@ -72,6 +77,8 @@ VARIANTS = ("plain", "shared prefix", "+ reuse", "+ sampler")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(SHAPES), default="large")
+    p.add_argument("--estimator", choices=["grpo", "ppo"], default="grpo",
+                   help="ppo: with the critic (its values, GAE, the value loss) in every update.")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch threads (learner.torch_threads).")
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     path, params = _model(args.model)
-    learners = {v: _learner(path, v, args.threads) for v in VARIANTS}
+    learners = {v: _learner(path, v, args.threads, args.estimator) for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for rep in range(args.repeats + 1):
         for v, learner in learners.items():
@@ -94,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             for v in VARIANTS]
     md = table(rows, [("variant", "variant", ""), ("s", "s per update (median)", ".2f"),
                       ("speedup", "vs plain", ".2f"), ("runs", "runs", "d")])
-    md += (f"\n\nModel: {args.model} ({params / 1e6:.2f}M parameters), {args.prompts} prompts x {args.group} samples, "
+    md += (f"\n\nEstimator: {args.estimator}. Model: {args.model} ({params / 1e6:.2f}M parameters), {args.prompts} prompts x {args.group} samples, "
            f"7-token prompts, 6-token completions, 2 minibatches, micro-batch 64, {args.threads} torch threads.")
     print(md)
-    suffix = "" if args.model == "large" else f"_{args.model}"
+    suffix = ("" if args.model == "large" else f"_{args.model}") + ("" if args.estimator == "grpo" else f"_{args.estimator}")
     out = write_results(f"learner_step{suffix}", {"args": vars(args), "params": params, "rows": rows,
                                                   "times": times}, md, args.results_dir)
     print(f"results: {out}")

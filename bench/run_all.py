@@ -6,8 +6,9 @@ from bench import algos, async_sync, generation, learner_step, weight_sync
 
 
 def main() -> int:
-    for bench in (learner_step, weight_sync, generation, async_sync, algos):
-        rc = bench.main([])
+    for bench, argv in ((learner_step, []), (learner_step, ["--estimator", "ppo"]), (weight_sync, []),
+                        (generation, []), (async_sync, []), (algos, [])):
+        rc = bench.main(argv)
         if rc:
             return rc
     return 0

@@ -30,27 +30,10 @@ from core.messages import Group, TrainStats, WeightsHandle
 from core.weights import serialize_state_dict
 from learner import algos
 from learner.batch import Batch, collate
-from learner.forward import batch_logits
+from learner.forward import ValueModel, batch_logits
 
 log = logging.getLogger(__name__)
 AUTO_MISMATCH = 1e-3  # algo.old_logprobs=auto: mean |vLLM - learner| log-prob above which old log-probs are recomputed
-
-
-class ValueModel(torch.nn.Module):
-    """Critic for PPO: the policy's transformer body with a scalar head, initialised from the policy."""
-
-    def __init__(self, policy):
-        super().__init__()
-        import copy
-
-        self.body = copy.deepcopy(policy.model)
-        self.head = torch.nn.Linear(policy.config.hidden_size, 1)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(h).squeeze(-1)  # (B, W)
 
 
 def _lr_lambda(cfg: LearnerConfig, total_steps: int):
@@ -107,6 +90,10 @@ class Learner:
     def _logp(self, model, b: Batch) -> torch.Tensor:
         return algos.token_logprobs(self._logits(model, b), b.input_ids[:, 1:].to(self.device))
 
+    def _values(self, b: Batch) -> torch.Tensor:
+        """The critic's V(s_t) aligned like the log-probs, (B, W-1): the same forward path as the policy's."""
+        return self._logits(self.critic, b)[..., 0]
+
     def _micro(self, b: Batch):
         B = b.input_ids.shape[0]
         for s in range(0, B, self.cfg.micro_batch_size):
@@ -122,7 +109,7 @@ class Learner:
             if self.ref is not None:
                 parts["ref"].append(self._logp(self.ref, mb))
             if self.critic is not None:
-                parts["values"].append(self.critic(mb.input_ids.to(self.device), mb.attention_mask.to(self.device))[:, :-1].float())
+                parts["values"].append(self._values(mb))
         pre = {k: torch.cat(v) for k, v in parts.items() if v}
         if recompute:
             sub = b if old_rows is None else b.rows(old_rows)
@@ -295,7 +282,7 @@ class Learner:
             (loss * share).backward()
             parts = {"policy_loss": pg.detach(), "entropy": ent.detach(), **pm}
             if self.critic is not None:
-                v = self.critic(mb.input_ids.to(self.device), mb.attention_mask.to(self.device))[:, :-1].float()
+                v = self._values(mb)
                 vl = algos.value_loss(v, pre["values"][idx], ret[idx], m, a.value_clip or None)
                 (vl * share).backward()
                 parts["value_loss"] = vl.detach()

@@ -16,8 +16,31 @@ hold zeros, which every consumer multiplies by the mask.
 from __future__ import annotations
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from learner.batch import Batch
+
+
+class ValueModel(torch.nn.Module):
+    """Critic for PPO: the policy's transformer body with a scalar head, initialised from the policy.
+
+    It answers like a causal LM whose vocabulary is one entry, the value: `logits` (B, W, 1), and
+    `past_key_values` when asked. So `plain_logits` and `shared_prefix_logits` serve it unchanged, and
+    the critic runs each group's prompt once too."""
+
+    def __init__(self, policy):
+        super().__init__()
+        import copy
+
+        self.body = copy.deepcopy(policy.model)
+        self.head = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=None, use_cache=False):
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, use_cache=use_cache)
+        return CausalLMOutputWithPast(logits=self.head(out.last_hidden_state), past_key_values=out.past_key_values)
 
 
 def plain_logits(model, b: Batch, device) -> torch.Tensor:

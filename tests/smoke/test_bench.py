@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -34,16 +36,21 @@ def test_generation_bench_tiny_budget(tmp_path):
     assert all(run["samples"] == 64 for runs in res["raw"]["tiny/1"].values() for run in runs)
 
 
-def test_learner_step_bench_tiny_budget(tmp_path):
-    """bench/learner_step.py: the four learner variants on the tiny shape, 4 prompts, one timed update each."""
+@pytest.mark.parametrize("estimator", ["grpo", "ppo"])
+def test_learner_step_bench_tiny_budget(tmp_path, estimator):
+    """bench/learner_step.py: the four learner variants on the tiny shape, 4 prompts, one timed update each
+    (with --estimator ppo the critic trains in every update too)."""
     out = subprocess.run([sys.executable, "-m", "bench.learner_step", "--model", "tiny", "--prompts", "4",
-                          "--repeats", "1", "--threads", "1", "--results-dir", str(tmp_path)],
+                          "--repeats", "1", "--threads", "1", "--estimator", estimator, "--results-dir", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    res = json.loads((tmp_path / "learner_step_tiny.json").read_text())
+    name = "learner_step_tiny" + ("_ppo" if estimator == "ppo" else "")
+    res = json.loads((tmp_path / f"{name}.json").read_text())
+    assert res["args"]["estimator"] == estimator
     assert [r["variant"] for r in res["rows"]] == ["plain", "shared prefix", "+ reuse", "+ sampler"]
     assert all(r["s"] > 0 and r["runs"] == 1 for r in res["rows"])
-    assert res["rows"][0]["speedup"] == 1.0 and "| + sampler |" in (tmp_path / "learner_step_tiny.md").read_text()
+    md = (tmp_path / f"{name}.md").read_text()
+    assert res["rows"][0]["speedup"] == 1.0 and "| + sampler |" in md and f"Estimator: {estimator}." in md
 
 
 def test_algos_bench_tiny_budget(tmp_path):

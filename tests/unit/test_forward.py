@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from core.messages import Completion, Group, Prompt
 from learner import algos
 from learner.batch import collate
-from learner.forward import batch_logits, plain_logits, shared_prefix_logits
+from learner.forward import ValueModel, batch_logits, plain_logits, shared_prefix_logits
 
 CPU = torch.device("cpu")
 VOCAB = 24
@@ -93,3 +93,27 @@ def test_batch_logits_uses_the_plain_pass_when_no_prompt_repeats(model):
     one_per_group = b.rows(torch.tensor([0, 4, 8, 12]))
     assert_close(batch_logits(model, one_per_group, CPU, shared_prefix=True),
                  plain_logits(model, one_per_group, CPU), atol=0, rtol=0)
+
+
+def test_the_critic_runs_the_shared_prefix_too_same_values_and_gradients(model):
+    """PPO's critic answers like a one-entry causal LM, so the same shared-prefix pass serves it: its values at
+    every position that predicts a completion token (the ones GAE and the value loss read) and its gradients
+    equal the plain pass's."""
+    critic = ValueModel(model)
+    torch.nn.init.normal_(critic.head.weight, std=1.0)  # the real head starts at zero: every value would be 0
+    b = _batch()
+
+    def values_and_grads(fn):
+        critic.zero_grad(set_to_none=True)
+        v = fn(critic, b, CPU)[..., 0]
+        assert v.shape == b.mask.shape
+        loss = algos.masked_mean((v - torch.linspace(-1, 1, v.shape[1])) ** 2, b.mask)  # a value loss
+        loss.backward()
+        return v.detach() * b.mask, torch.cat([p.grad.flatten() for p in critic.parameters()])
+
+    v0, g0 = values_and_grads(plain_logits)
+    v1, g1 = values_and_grads(shared_prefix_logits)
+    assert_close(v1, v0, atol=1e-5, rtol=0)
+    scale = float(g0.abs().max())  # ~400: the random head makes them far larger than the policy test's
+    assert_close(g1, g0, atol=1e-7 * scale, rtol=1e-4)
+    assert float(v0.abs().max()) > 0.1 and scale > 1e-3  # not trivially equal
