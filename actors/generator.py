@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from core.messages import Completion, GenerateRequest, WeightsHandle
+from core.messages import Completion, GenerateRequest, WeightsHandle, sample_seed
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,9 @@ class Generator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=req.n, temperature=req.temperature, max_tokens=req.max_new_tokens,
-                                logprobs=0, seed=req.seed)
+        # one SamplingParams per prompt: each prompt's own random stream (core.messages.sample_seed)
+        params = [SamplingParams(n=req.n, temperature=req.temperature, max_tokens=req.max_new_tokens, logprobs=0,
+                                 seed=None if req.seed is None else sample_seed(req.seed, p.uid)) for p in req.prompts]
         inputs = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in req.prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         out: list[Completion] = []

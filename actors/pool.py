@@ -218,8 +218,7 @@ class GeneratorPool:
             for i, name in enumerate(names):
                 chunk = pending[i::len(names)]
                 if chunk:
-                    req = GenerateRequest(tuple(chunk), n, temperature, max_new_tokens,
-                                          None if seed is None else seed + chunk[0].uid)
+                    req = GenerateRequest(tuple(chunk), n, temperature, max_new_tokens, seed)
                     self.load[name] += 1
                     calls.append((name, self.actors[name].generate.remote(req), chunk))
             pending = []

@@ -145,8 +145,7 @@ class Rollout:
         while self.todo:
             size = self.prompts_per_request or self._auto_request_size()
             chunk = tuple(self.todo.popleft() for _ in range(min(size, len(self.todo))))
-            req = GenerateRequest(chunk, self.group_size, self.temperature, self.max_new_tokens,
-                                  seed=self.seed * 1_000_003 + chunk[0].uid)
+            req = GenerateRequest(chunk, self.group_size, self.temperature, self.max_new_tokens, seed=self.seed)
             sent = self.pool.submit(req, max_load=self.max_inflight)
             if sent is None:
                 self.todo.extendleft(reversed(chunk))

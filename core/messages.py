@@ -39,6 +39,25 @@ class GenerateRequest:
     temperature: float
     max_new_tokens: int
     seed: int | None = None
+    """Base seed (the run's): each prompt samples from its own stream, `sample_seed(seed, prompt.uid)`, so what
+    a prompt gets depends on neither the request nor the generator it lands in. None: vLLM's unseeded sampler."""
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(base: int, uid: int) -> int:
+    """The vLLM seed for prompt UID's samples: splitmix64's output for the state (base << 32) + uid, below 2**62.
+
+    vLLM seeds a prompt's sample i with seed + i (its parallel-sampling children) and draws that sample's
+    noise from a generator seeded so. One seed shared by all prompts of a request (what relayrl did before)
+    gives sample i of every prompt in it the same noise: samples correlated across prompts, and seeds that
+    depend on how prompts were chunked. splitmix64 is a bijection of its state, so distinct (base, uid) get
+    distinct streams, spread uniformly: seed + i never reaches another prompt's stream in practice."""
+    z = ((base << 32) + uid + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 2
 
 
 @dataclass(frozen=True)

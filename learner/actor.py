@@ -155,6 +155,8 @@ class Learner:
     def train_step(self, groups: list[Group]) -> TrainStats:
         t0 = time.monotonic()
         a = self.algo
+        # the update depends on which groups came, not on the order generators finished them in (reproducible runs)
+        groups = sorted(groups, key=lambda g: g.prompt.uid)
         b = collate(groups, self.pad_id)
         mask = b.mask.to(self.device)
         self.policy.eval()  # no dropout in these models; eval() keeps sampler and learner numerics equal

@@ -81,6 +81,21 @@ def test_train_tiny_budget_end_to_end(tmp_path):
     assert "--resume" in again.stderr and "Started a local Ray instance" not in again.stderr + again.stdout
     assert (run / "metrics.jsonl").read_bytes() == metrics_before
 
+    # the same seed again, on 2 generators instead of 1: the same run, number for number (each prompt samples
+    # from its own seeded stream whatever engine it lands on; the learner orders groups by prompt)
+    twin = _run(["train", "--steps=2", "--prompts_per_step=8", "--eval_every=1", "--generator.num_generators=2",
+                 "--algo.group_size=4", "--eval_samples=4", "--eval_pass_k=4", f"--run_dir={tmp_path}",
+                 "--run_name=twin"], 600)
+    assert twin.returncode == 0, twin.stdout[-3000:] + twin.stderr[-3000:]
+    twin_rows = [json.loads(x) for x in (tmp_path / "twin" / "metrics.jsonl").read_text().splitlines()]
+
+    def outcome(r):  # what the run computed, not how long it took or where
+        return {k: v for k, v in r.items() if not k.startswith(("time/", "perf/")) and k not in
+                ("train/train_seconds", "generators")}
+
+    assert [outcome(r) for r in twin_rows] == [outcome(r) for r in rows]
+    assert rows[1]["train/policy_loss"] != 0 and twin_rows[-1]["generators"] == 2  # not vacuous
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(run / "final_model")
