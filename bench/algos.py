@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import LARGE_MODEL, median, relayrl_train, table, write_results
+from bench.common import LARGE_MODEL, add_seed_args, median, relayrl_train, seed_list, table, write_results
 
 # name -> CLI overrides on top of examples/demo.yaml
 VARIANTS: dict[str, list[str]] = {
@@ -50,9 +50,7 @@ COLUMNS = [("variant", "variant", ""), ("acc_before", "held-out before", ".3f"),
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=list(VARIANTS), help="Variants to run (default: all).")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--seeds", nargs="*", type=int, default=None,
-                   help="Seeds to run, one repetition each (default 0..repeats-1); a seed picks the warm start too.")
+    add_seed_args(p)
     p.add_argument("--model", choices=["tiny", "large"], default="tiny",
                    help="tiny: the default 0.67M model; large: 27M parameters, lr 3e-5 (as bench/trl_compare.py).")
     p.add_argument("--config", default="examples/demo.yaml")
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     model = LARGE_MODEL if args.model == "large" else []
 
     runs: dict[str, list[dict]] = {name: [] for name in args.only}
-    seeds = args.seeds if args.seeds else list(range(args.repeats))
+    seeds = seed_list(args)
     if args.from_runs is not None:
         for name in args.only:
             found = sorted(Path(d) / f"{_slug(name)}-r{seed}" / "summary.json" for d in args.from_runs

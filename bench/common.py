@@ -44,6 +44,17 @@ def machine() -> dict:
     return info
 
 
+def add_seed_args(p) -> None:
+    """--repeats and --seeds, as every multi-seed benchmark takes them; `seed_list(args)` resolves them."""
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seeds", nargs="*", type=int, default=None,
+                   help="Seeds to run, one repetition each (default 0..repeats-1); a seed picks the warm start too.")
+
+
+def seed_list(args) -> list[int]:
+    return args.seeds if args.seeds else list(range(args.repeats))
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

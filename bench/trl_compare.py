@@ -70,7 +70,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import CLEAN_ENV, LARGE_MODEL, median, model_params, relayrl_train, table, write_results
+from bench.common import (CLEAN_ENV, LARGE_MODEL, add_seed_args, median, model_params, relayrl_train, seed_list, table,
+                          write_results)
 
 TRL_MODES = {"vllm": "TRL (vLLM colocate)", "hf": "TRL (transformers generate)"}
 
@@ -390,9 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["tiny", "large"], default="tiny",
                    help="tiny: the default 0.67M model; large: 27M parameters (hidden 512, 8 layers, 8 heads), lr 3e-5.")
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: the config's, 60 in examples/demo.yaml).")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--seeds", nargs="*", type=int, default=None,
-                   help="Seeds to run, one repetition each (default 0..repeats-1); a seed picks the warm start too.")
+    add_seed_args(p)
     p.add_argument("--trl-seed-offset", type=int, default=0,
                    help="TRL's seed (sampling, data order) = the run's seed + this, on the same warm start: "
                         "another draw of TRL's own run-to-run spread (TRL repeats exactly for a given seed).")
@@ -423,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     sides_all = ["relayrl", *(TRL_MODES[m] for m in args.trl_generation)]
     rows_raw: dict[str, list[dict]] = {side: [] for side in sides_all}
     finals, params, acc_start, worlds = [], None, [], []
-    seeds = args.seeds if args.seeds else list(range(args.repeats))
+    seeds = seed_list(args)
     for rep, seed in enumerate(seeds):
         # no mid-run checkpoints: TRL saves none in these runs either (save_strategy="no"); both save the final model
         overrides = [*(LARGE_MODEL if args.model == "large" else []), *([f"--steps={args.steps}"] if args.steps else []),
