@@ -35,6 +35,7 @@ def machine() -> dict:
                                  if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu_model"] = platform.processor()
+    info["cpu_isa"] = cpu_isa()
     try:
         import vllm
 
@@ -42,6 +43,21 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+# Vector extensions torch's and vLLM's CPU kernels choose between. VMs behind the same "AMD EPYC" name differ:
+# shared/FACTS.md's had AVX-512 (bf16, VNNI); the one of 2026-12-01 had AVX2 only and ran every benchmark
+# about 1.8x slower (generation, TRL comparison). Only ratios from one run, on one host, compare.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def cpu_isa() -> list[str]:
+    """Which of ISA_FLAGS this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ISA_FLAGS if f in flags]
 
 
 def add_seed_args(p) -> None:

@@ -6,7 +6,11 @@
 Work, identical for every path: the first --prompts training prompts of the default task (the default
 world's train parquet, BOS + characters), each sampled --n times (the job's group size, 8) at temperature 1
 with at most --max-new-tokens new tokens (the job's 8), the sampled token's log-prob returned at every
-position (RL needs it, so both sides pay for it), one fixed sampling seed per request, text detokenised.
+position (RL needs it, so both sides pay for it), seeded sampling, text detokenised. Seeds: relayrl gives each
+prompt its own (core.messages.sample_seed; a run repeats exactly), the bare call one per request (vLLM derives
+each sample's from it). Seeding makes vLLM sample each request with its own torch generator; the row
+"bare vLLM, unseeded" (no seed at all, what a user who does not need to repeat a run would write) shows what
+that costs. Ratios are against the seeded bare call, the same work as relayrl's.
 
 Models: `tiny` is the default job's model (cluster.world.ensure_world(Config()): 0.67M parameters, warm-started);
 `medium` is a randomly initialised 27M-parameter Llama (hidden 512, 8 layers) built like bench/weight_sync.py.
@@ -14,7 +18,8 @@ Models: `tiny` is the default job's model (cluster.world.ensure_world(Config()):
 Paths (same model folder, same engine settings as actors/generator.py: EngineSettings defaults, i.e. float32,
 enforce_eager, seed, gpu_memory_utilization, max_model_len, the same worker extension, and engine_env:
 VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_KVCACHE_SPACE):
-- bare vLLM: one `vllm.LLM.generate` call over all prompts in this process, what a user would write;
+- bare vLLM: one `vllm.LLM.generate` call over all prompts in this process, what a user would write
+  (and again without a seed);
 - relayrl rollout: the training loop's path. `cluster.rollout.Rollout` streams requests of
   rollout.prompts_per_request prompts (default auto: the queue split over the free slots) to the least-loaded generator actor, at most
   rollout.max_inflight_per_generator (2) outstanding each, and collects `Completion`s through Ray. The
@@ -50,7 +55,7 @@ import time
 
 from bench.common import median, model_params, table, write_results
 
-PATHS = ("bare vLLM (in-process)", "relayrl rollout", "relayrl pool.generate")
+PATHS = ("bare vLLM (in-process)", "relayrl rollout", "relayrl pool.generate", "bare vLLM, unseeded")
 MODELS = ("tiny", "medium")
 
 
@@ -114,7 +119,7 @@ def _bare_engine(settings, threads: int):
     return llm
 
 
-def _bare_pass(llm, prompts, args, seed: int) -> tuple[int, int, float]:
+def _bare_pass(llm, prompts, args, seed: int | None) -> tuple[int, int, float]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -195,7 +200,8 @@ def _block(model: str, params: int, gens: int, llm, pool, prompts, args) -> tupl
     """Warm up, then measure the three paths interleaved; rows for this (model, generators) block."""
     runners = {PATHS[0]: lambda s: _bare_pass(llm, prompts, args, s),
                PATHS[1]: lambda s: _rollout_pass(pool, prompts, args, s),
-               PATHS[2]: lambda s: _pool_pass(pool, prompts, args, s)}
+               PATHS[2]: lambda s: _pool_pass(pool, prompts, args, s),
+               PATHS[3]: lambda s: _bare_pass(llm, prompts, args, None)}
     for run in runners.values():  # warm-up, excluded for every path alike
         run(10_000)
     raw: dict[str, list[tuple[int, int, float]]] = {p: [] for p in runners}
@@ -205,7 +211,7 @@ def _block(model: str, params: int, gens: int, llm, pool, prompts, args) -> tupl
     rows = []
     for path in runners:
         tps = median([t / s for t, _, s in raw[path]])
-        rows.append({"model": model, "params_m": params / 1e6, "generators": gens if path != PATHS[0] else 1,
+        rows.append({"model": model, "params_m": params / 1e6, "generators": 1 if path in (PATHS[0], PATHS[3]) else gens,
                      "path": path, "tokens_per_s": tps, "samples_per_s": median([n / s for _, n, s in raw[path]]),
                      "seconds": median([s for _, _, s in raw[path]]),
                      "tokens": median([t for t, _, _ in raw[path]]), "repeats": args.repeats})
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
 
-    ratios = {f"{r['model']}/{r['generators']}gen/{r['path']}": r["ratio"] for r in rows if r["path"] != PATHS[0]}
+    ratios = {f"{r['model']}/{r['generators']}gen/{r['path']}": r["ratio"] for r in rows if r["path"] in PATHS[1:3]}
+    unseeded = {f"{r['model']}/{r['generators']}gen": r["ratio"] for r in rows if r["path"] == PATHS[3]}
     one = {r["model"]: r["ratio"] for r in rows if r["path"] == PATHS[1] and r["generators"] == 1}
     md = table(rows, [("model", "model", ""), ("params_m", "params (M)", ".2f"), ("path", "path", ""),
                       ("generators", "generators", "d"), ("tokens_per_s", "tokens/s", ".0f"),
@@ -289,10 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                       ("ratio", "vs bare vLLM", ".3f"), ("repeats", "runs", "d")])
     md += (f"\n\n{args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, temperature "
            f"{args.temperature}; median of {args.repeats} interleaved passes after one warm-up pass each. "
-           f"Target: relayrl rollout with 1 generator >= {args.target} x bare vLLM.")
+           f"Ratios against the seeded bare call (the same work: relayrl seeds every prompt); the unseeded bare row "
+           f"shows what seeding costs vLLM itself. Target: relayrl rollout with 1 generator >= {args.target} x bare vLLM.")
     print(md)
     payload = {"settings": {k: v for k, v in vars(args).items() if k != "results_dir"}, "rows": rows,
-               "ratios": ratios, "ratio_rollout_1gen": one, "target": args.target,
+               "ratios": ratios, "unseeded_vs_seeded_bare": unseeded, "ratio_rollout_1gen": one, "target": args.target,
                "target_met": {m: r >= args.target for m, r in one.items()}, "processes": procs, "raw": raw}
     print(f"results: {write_results('generation', payload, md, args.results_dir)}")
     return 0

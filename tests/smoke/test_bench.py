@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import ISA_FLAGS
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -24,14 +26,16 @@ def test_generation_bench_tiny_budget(tmp_path):
     res = json.loads((tmp_path / "generation.json").read_text())
     assert (tmp_path / "generation.md").exists()
     paths = {r["path"] for r in res["rows"]}
-    assert paths == {"bare vLLM (in-process)", "relayrl rollout", "relayrl pool.generate"}
+    assert paths == {"bare vLLM (in-process)", "relayrl rollout", "relayrl pool.generate", "bare vLLM, unseeded"}
     for r in res["rows"]:
         assert r["tokens_per_s"] > 0 and r["ratio"] > 0, r
         assert r["tokens"] > 0 and r["model"] == "tiny"
     assert set(res["ratios"]) == {"tiny/1gen/relayrl rollout", "tiny/1gen/relayrl pool.generate"}
+    assert set(res["unseeded_vs_seeded_bare"]) == {"tiny/1gen"}
     assert res["ratio_rollout_1gen"]["tiny"] > 0
     assert isinstance(res["target_met"]["tiny"], bool)
     assert res["machine"]["cpus"] >= 1
+    assert set(res["machine"]["cpu_isa"]) <= set(ISA_FLAGS)  # which of torch's/vLLM's CPU kernel families apply
     # every path did the same work: 8 prompts x 8 samples
     assert all(run["samples"] == 64 for runs in res["raw"]["tiny/1"].values() for run in runs)
 
