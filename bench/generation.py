@@ -33,9 +33,12 @@ sees it (for relayrl: Ray calls, Completion serialisation and the driver loop in
 Timing: for each (model, generators) block the bare engine and the generator actors are all up at once (idle
 when not measured; the in-process engine coexists with Ray actors because of VLLM_ENABLE_V1_MULTIPROCESSING=0).
 Each path first gets one untimed warm-up pass over the whole workload, then --repeats timed passes,
-interleaved (bare, rollout, pool.generate, bare, ...) so drifting machine load hits all paths alike; the
-median is reported. Ratio = relayrl tokens/s / bare vLLM tokens/s of the same block (target: >= 0.95 for
-the rollout path with 1 generator). With 2 generators on a 2-core machine the driver, 2 engines and Ray share
+interleaved in rounds of one pass per path, each round starting one path later than the previous (bare,
+rollout, pool, unseeded; then rollout, pool, unseeded, bare; ...), so drifting machine load hits all paths
+alike; the median is reported. Ratio = the median over rounds of (a path's tokens/s / the seeded bare call's tokens/s in
+the same round of the same block), so a machine whose speed drifts during the run (seen here: +30% from the
+first round to the last) shifts both sides of each ratio alike (target: >= 0.95 for the rollout path with 1
+generator). With 2 generators on a 2-core machine the driver, 2 engines and Ray share
 2 cores: expect no gain there, it shows what the second generator costs or buys on this machine.
 Threads: a generator actor reserves generator.num_cpus=1 CPU, so Ray runs it with OMP_NUM_THREADS=1 (1 torch
 thread); the bare engine gets the same (--bare-threads 1) so both run the same engine on the same thread count
@@ -205,9 +208,10 @@ def _block(model: str, params: int, gens: int, llm, pool, prompts, args) -> tupl
     for run in runners.values():  # warm-up, excluded for every path alike
         run(10_000)
     raw: dict[str, list[tuple[int, int, float]]] = {p: [] for p in runners}
-    for rep in range(args.repeats):
-        for path, run in runners.items():
-            raw[path].append(run(rep))
+    order = list(runners)
+    for rep in range(args.repeats):  # each round starts one path later: no path always runs first or last
+        for path in order[rep % len(order):] + order[:rep % len(order)]:
+            raw[path].append(runners[path](rep))
     rows = []
     for path in runners:
         tps = median([t / s for t, _, s in raw[path]])
@@ -215,9 +219,9 @@ def _block(model: str, params: int, gens: int, llm, pool, prompts, args) -> tupl
                      "path": path, "tokens_per_s": tps, "samples_per_s": median([n / s for _, n, s in raw[path]]),
                      "seconds": median([s for _, _, s in raw[path]]),
                      "tokens": median([t for t, _, _ in raw[path]]), "repeats": args.repeats})
-    base = rows[0]["tokens_per_s"]
+    base = [t / s for t, _, s in raw[PATHS[0]]]
     for r in rows:
-        r["ratio"] = r["tokens_per_s"] / base
+        r["ratio"] = median([(t / s) / b for (t, _, s), b in zip(raw[r["path"]], base)])
     return rows, {p: [{"tokens": t, "samples": n, "seconds": s} for t, n, s in v] for p, v in raw.items()}
 
 
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                       ("samples_per_s", "samples/s", ".0f"), ("seconds", "s per pass", ".3f"),
                       ("ratio", "vs bare vLLM", ".3f"), ("repeats", "runs", "d")])
     md += (f"\n\n{args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, temperature "
-           f"{args.temperature}; median of {args.repeats} interleaved passes after one warm-up pass each. "
+           f"{args.temperature}; median of {args.repeats} interleaved rounds (one pass of each path) after one warm-up "
+           f"pass each; 'vs bare vLLM' is the median of the per-round ratios. "
            f"Ratios against the seeded bare call (the same work: relayrl seeds every prompt); the unseeded bare row "
            f"shows what seeding costs vLLM itself. Target: relayrl rollout with 1 generator >= {args.target} x bare vLLM.")
     print(md)
