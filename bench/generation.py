@@ -200,7 +200,7 @@ def _process_info(pool) -> dict:
 
 
 def _block(model: str, params: int, gens: int, llm, pool, prompts, args) -> tuple[list[dict], dict]:
-    """Warm up, then measure the three paths interleaved; rows for this (model, generators) block."""
+    """Warm up, then measure the paths (PATHS) in rotating rounds; rows for this (model, generators) block."""
     runners = {PATHS[0]: lambda s: _bare_pass(llm, prompts, args, s),
                PATHS[1]: lambda s: _rollout_pass(pool, prompts, args, s),
                PATHS[2]: lambda s: _pool_pass(pool, prompts, args, s),
