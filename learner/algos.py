@@ -98,14 +98,23 @@ def grpo_advantages(rewards_PG: Tensor, scale_by_std: bool = True, eps: float = 
     """GRPO group-normalised advantages (Shao et al. 2024, DeepSeekMath).
 
     rewards_PG: (P, G) -> (P, G).  std is the population std (unbiased=False), so a
-    group of size 1 or of identical rewards gives 0, never NaN.
+    group of size 1 gives 0, never NaN.  A group of identical rewards gives exactly 0: its float
+    mean can miss the common value by an ulp, and that ulp over (std ~ ulp) + eps is not small
+    (0.056 for eight rewards of 0.6 in float32), the same sign for the whole group.
     # A_i = (r_i - mean_g r) / (std_g r + eps)      (without scale_by_std: r_i - mean_g r)
+    # A_i = 0 for every i when all r_i of the group are equal
     """
     r = _as_float(rewards_PG)
     adv = r - r.mean(dim=-1, keepdim=True)
     if scale_by_std:
         adv = adv / (r.std(dim=-1, unbiased=False, keepdim=True) + eps)
-    return adv
+    return _zero_where_tied(adv, r)
+
+
+def _zero_where_tied(adv_PG: Tensor, rewards_PG: Tensor) -> Tensor:
+    """Exactly 0 for groups whose rewards are all equal (no signal), whatever the rounding of their baseline."""
+    tied = (rewards_PG == rewards_PG[..., :1]).all(dim=-1, keepdim=True)
+    return torch.where(tied, 0, adv_PG)
 
 
 def dr_grpo_advantages(rewards_PG: Tensor) -> Tensor:
@@ -121,7 +130,7 @@ def dr_grpo_advantages(rewards_PG: Tensor) -> Tensor:
 def rloo_advantages(rewards_PG: Tensor) -> Tensor:
     """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to Basics").
 
-    rewards_PG: (P, G) -> (P, G); G == 1 gives 0.
+    rewards_PG: (P, G) -> (P, G); G == 1, and a group of identical rewards, give exactly 0.
     # A_i = r_i - (1/(G-1)) sum_{j != i} r_j  =  G/(G-1) * (r_i - mean_g r)
     """
     r = _as_float(rewards_PG)
@@ -129,7 +138,7 @@ def rloo_advantages(rewards_PG: Tensor) -> Tensor:
     if G < 2:
         return torch.zeros_like(r)
     loo_mean = (r.sum(dim=-1, keepdim=True) - r) / (G - 1)
-    return r - loo_mean
+    return _zero_where_tied(r - loo_mean, r)
 
 
 def reinforce_baseline_advantages(rewards_PG: Tensor) -> Tensor:

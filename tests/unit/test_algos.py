@@ -84,6 +84,19 @@ def test_grpo_edges_group_of_one_and_identical():
     close(A.grpo_advantages(torch.tensor([[1, 0]])), [[0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6)]])
 
 
+def test_tied_groups_get_exactly_zero_advantage_whatever_the_rounding():
+    # eight float32 rewards of 0.6: their float mean misses 0.6 by ~6e-8, and so does the std; the old
+    # (r - mean) / (std + 1e-6) then gave every sample 6e-8 / (6e-8 + 1e-6) = 0.056, one sign for the group.
+    # A tied group carries no signal: exactly 0 (equality, not a tolerance), for every estimator built on a baseline
+    for r in (t([[0.6] * 8, [0.1] * 8]), t([[0.7] * 7]), t([[0.3] * 6])):
+        for f in (A.grpo_advantages, A.dr_grpo_advantages, A.rloo_advantages):
+            assert (f(r) == 0).all(), (f.__name__, r[0, 0].item(), r.shape)
+    # one differing reward in the group: not tied, a full-size advantage (8 rewards, 7 x 0.6 and 1 x 0.8:
+    # mean 0.625, std sqrt(7 * 0.025^2 + 0.175^2) / sqrt(8) = 0.06614 -> the odd one gets 0.175 / 0.06614 = 2.6458)
+    adv = A.grpo_advantages(t([[0.6] * 7 + [0.8]]))
+    assert adv[0, 7].item() == pytest.approx(math.sqrt(7), rel=1e-4)
+
+
 def test_dr_grpo_advantages():
     # r - group mean, no std: [1,0,0,1] -> mean .5 ; [0,0,0,3] -> mean .75
     close(A.dr_grpo_advantages(t([[1, 0, 0, 1], [0, 0, 0, 3]])),
