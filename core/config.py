@@ -284,6 +284,11 @@ class LearnerConfig:
     shared_prefix: bool = _f(True, "Run each group's prompt through the policy and reference once and its "
                              "completions on top of the cached prompt keys/values (exact; saves (G-1)/G of the "
                              "prompt compute). False: one plain pass per row, for models without a KV cache.")
+    skip_zero_advantage: bool = _f(True, "Leave out of the forward/backward the samples whose advantage is exactly 0 "
+                                   "(a GRPO/RLOO group whose rewards all tie) when no other loss term reads them "
+                                   "(no entropy bonus, no KL loss, no critic): the same update, less compute. The "
+                                   "loss keeps its denominators; entropy/clipfrac/ratio metrics then describe the "
+                                   "samples trained on.")
 
 
 @dataclass

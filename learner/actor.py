@@ -175,19 +175,29 @@ class Learner:
         # pass, detached: the no-grad pass skips them unless the advantages need old log-probs first (KL to a
         # reference). With one minibatch and one epoch the no-grad policy pass disappears.
         from_sampler = self._old_from_sampler(b)
+        # Without a reference or a critic the advantages are a function of the rewards alone: compute them first,
+        # so the rows that carry no gradient are known before any forward pass (and skip the no-grad one too).
+        early = self.ref is None and self.critic is None
+        adv, ret, kl = self._advantages(b, mask, {}) if early else (None, None, None)
+        trained = self._trained_rows(adv, mask) if early else None
         lazy_rows = minibatch_rows[0][0] if not from_sampler and self.ref is None else None
         old_rows = None
         if lazy_rows is not None:
-            keep = torch.ones(B, dtype=torch.bool)
+            keep = torch.ones(B, dtype=torch.bool) if trained is None else trained.cpu().clone()
             keep[lazy_rows] = False
             old_rows = keep.nonzero().squeeze(1)
         pre = self._no_grad_pass(b, old_rows, recompute=not from_sampler)
         if from_sampler:
             pre["old"] = sampler_logp
-        adv, ret, kl = self._advantages(b, mask, pre)
+        if not early:
+            adv, ret, kl = self._advantages(b, mask, pre)
+            trained = self._trained_rows(adv, mask)
+        # metrics that read the learner's old log-probs cover the rows trained on (skipped rows may have none)
+        m_trained = mask if trained is None else mask * trained[:, None]
         norm_const = float(mask.sum(1).max().clamp(min=1))  # max completion length in the batch (Dr. GRPO)
 
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         n_updates = 0
         # the first minibatch's forward pass runs the unchanged policy: its log-probs are the learner's view of
         # the sampler's, so the mismatch metric costs nothing extra when old log-probs are not recomputed
@@ -196,13 +206,15 @@ class Learner:
         for epoch_rows in minibatch_rows:
             for rows in epoch_rows:
                 first = n_updates == 0
-                stats = self._optimizer_step(b.rows(rows), rows, mask, pre, adv, ret, kl, sampler_logp, norm_const,
-                                             mismatch if first else None, fill_old=first and lazy_rows is not None)
+                stats = self._optimizer_step(b, rows, mask, pre, adv, ret, kl, sampler_logp, norm_const,
+                                             mismatch if first else None, fill_old=first and lazy_rows is not None,
+                                             trained=trained)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
                 n_updates += 1
         if a.is_correction != "none":  # the weights each micro-batch used, summarised over the batch
-            _, is_metrics = algos.importance_weights(pre["old"], sampler_logp, mask, a.is_correction, a.is_cap)
+            _, is_metrics = algos.importance_weights(pre["old"], sampler_logp, m_trained, a.is_correction, a.is_cap)
         else:
             is_metrics = {}
         self.sched.step()
@@ -212,7 +224,7 @@ class Learner:
             self._sampler_exact = False  # the sampler's numbers are not the learner's here: recompute from now on
             log.warning("old_logprobs=auto: vLLM's log-probs are %.2e from the learner's (> %.0e); recomputing "
                         "them from the next step on", float(mismatch[0] / mismatch[1].clamp(min=1)), AUTO_MISMATCH)
-        metrics = {k: v / n_updates for k, v in sums.items()}
+        metrics = {k: v / counts[k] for k, v in sums.items()}  # a minibatch with no row trained has no ratio/entropy
         metrics["kl_coef"] = self.kl_coef
         if a.kl_target > 0:
             self.kl_coef = algos.adaptive_kl_coef(self.kl_coef, kl_ref, a.kl_target, a.kl_horizon, B)
@@ -222,13 +234,16 @@ class Learner:
             "reward_mean": float(b.rewards_PG.mean()),
             "reward_std": float(b.rewards_PG.std(unbiased=False)),
             "kl_ref": kl_ref,
-            "logprob_mismatch": float(algos.masked_mean((pre["old"] - sampler_logp).abs(), mask)) if mismatch is None
+            "logprob_mismatch": float(algos.masked_mean((pre["old"] - sampler_logp).abs(), m_trained)) if mismatch is None
             else float(mismatch[0] / mismatch[1].clamp(min=1)),
             "old_from_sampler": float(from_sampler),
             "response_len": float(valid.sum(1).float().mean()),
             "lr": self.sched.get_last_lr()[0],
             "train_seconds": time.monotonic() - t0,
             "samples": float(B),
+            # share of samples with exactly zero advantage (TRL's frac_reward_zero_std, for group estimators)
+            "zero_adv_frac": float(((adv * mask) == 0).all(1).float().mean()),
+            "samples_trained": float(B if trained is None else trained.sum()),
             "max_staleness": float(self.version - int(b.versions.min())),
         })
         return TrainStats(step=self.step, policy_version=self.version, metrics=metrics)
@@ -242,24 +257,40 @@ class Learner:
         return (self._sampler_exact and self._published_step == self.step
                 and int(b.versions.min()) == int(b.versions.max()) == self.version)
 
-    def _optimizer_step(self, mb_all: Batch, rows, mask, pre, adv, ret, kl, sampler_logp, norm_const,
-                        mismatch: list[torch.Tensor] | None = None, fill_old: bool = False) -> dict[str, float]:
-        """One optimizer step over a minibatch. MISMATCH, when given: [sum |logp - sampler|, tokens] is
+    def _trained_rows(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """(B,) bool: rows the update has to run, or None for all. A row whose advantage is exactly 0 on every
+        token adds exactly 0 to the policy-gradient loss and its gradient (PPO's clipped terms, dual clip and
+        importance weights all multiply the advantage); it is left out when no other term reads it."""
+        a = self.algo
+        kl_loss = self.ref is not None and a.kl_mode == "loss"
+        if not self.cfg.skip_zero_advantage or a.entropy_coef or kl_loss or self.critic is not None:
+            return None
+        return ((adv * mask) != 0).any(1)
+
+    def _optimizer_step(self, b: Batch, rows, mask, pre, adv, ret, kl, sampler_logp, norm_const,
+                        mismatch: list[torch.Tensor] | None = None, fill_old: bool = False,
+                        trained: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimizer step over minibatch ROWS of B. MISMATCH, when given: [sum |logp - sampler|, tokens] is
         accumulated into it (the policy has not moved yet, so logp are the old log-probs). FILL_OLD: the
-        policy has not moved yet and these rows' old log-probs were not computed: write logp, detached."""
+        policy has not moved yet and these rows' old log-probs were not computed: write logp, detached.
+        TRAINED (B,) bool, when given: only those rows run; the loss keeps the whole minibatch's denominators
+        (tokens, rows), so the gradient is the one of all rows, whose others add exactly 0."""
         a = self.algo
         self.opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
             self.critic_opt.zero_grad(set_to_none=True)
         m_rows = mask[rows]
         total_tokens = m_rows.sum().clamp(min=1)
+        n_rows = len(rows)
+        if trained is not None:
+            rows = rows[trained[rows].cpu()]
         acc: dict[str, torch.Tensor] = {}
-        for s, mb in self._micro(mb_all):
+        for s, mb in self._micro(b.rows(rows)):
             idx = rows[s: s + mb.input_ids.shape[0]]
             m = mask[idx]
             # weight each micro-batch by its share of the minibatch (tokens for token-mean, rows otherwise),
             # so accumulated gradients equal one big batch's
-            share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / len(rows))
+            share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / n_rows)
             logits = self._logits(self.policy, mb)
             logp = algos.token_logprobs(logits, mb.input_ids[:, 1:].to(self.device))
             if fill_old:
@@ -291,6 +322,14 @@ class Learner:
                 parts["explained_variance"] = algos.explained_variance(pre["values"][idx], ret[idx], m)
             for k, val in parts.items():
                 acc[k] = acc.get(k, 0.0) + val * share
+        # shares sum to 1 over all rows; rows left out added exactly 0 to the loss but are not in the diagnostics
+        covered = (mask[rows].sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(rows) / n_rows)
+        acc = {k: v if k == "policy_loss" else v / covered.clamp(min=1e-12) for k, v in acc.items()}
+        if not len(rows):  # nothing ran: the gradient is exactly zero, and the optimizer steps on it as it would
+            for p in list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic else []):
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            acc["policy_loss"] = torch.zeros((), device=self.device)
         if self.cfg.max_grad_norm > 0:
             gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
             if self.critic is not None:

@@ -137,8 +137,10 @@ def test_recompute_takes_the_first_minibatchs_old_logprobs_from_its_own_forward(
     that minibatch runs, so its forward pass is the old log-probs); the update equals the full recompute's."""
     torch.set_num_threads(1)
     algo = AlgoConfig(group_size=G, minibatches=2, epochs=2, old_logprobs="recompute")
-    lazy, full = (Learner(world.model_path, algo, LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0,
-                          PAD) for _ in range(2))
+    # (skip_zero_advantage off: this seed has a tied group, whose rows would need no old log-probs at all)
+    lazy, full = (Learner(world.model_path, algo, LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12,
+                                                                skip_zero_advantage=False), 10, 0, PAD)
+                  for _ in range(2))
     seen = []
     lazy_pass, full_pass = lazy._no_grad_pass, full._no_grad_pass
     lazy._no_grad_pass = lambda b, old_rows=None, **kw: (seen.append(len(old_rows)), lazy_pass(b, old_rows, **kw))[1]
@@ -244,3 +246,50 @@ def test_minibatch_split_covers_every_row_once_per_epoch(world, tokenizer, heldo
         assert (len(split_groups) == 0) if split == "groups" else (len(split_groups) >= 1)
     for rows in seen:
         assert torch.equal(rows.sort().values, rows) or split == "groups"
+
+
+def _tie(groups: list[Group], which: set[int], value: float = 0.6) -> list[Group]:
+    """The same groups, those at positions WHICH scored VALUE on every sample (no signal: zero advantage), the
+    others rescored 0, 0.2, 0.6, 1 (untied)."""
+    return [Group(g.prompt, g.completions, (value,) * G if i in which else (0.0, 0.2, 0.6, 1.0))
+            for i, g in enumerate(groups)]
+
+
+@pytest.mark.parametrize("old", ["sampler", "recompute"])
+def test_zero_advantage_rows_are_left_out_and_the_update_is_the_same(world, tokenizer, heldout_prompts, old):
+    """learner.skip_zero_advantage: rows of tied groups add exactly 0 to the GRPO loss, so leaving them out of the
+    forward/backward (the default) gives the update of running them. Step 1: 3 of 8 groups tied. Step 2: all tied,
+    nothing runs, and Adam still steps on the zero gradient (its momentum moves the weights) as it does with it."""
+    torch.set_num_threads(1)
+    algo = AlgoConfig(group_size=G, minibatches=2, epochs=2, old_logprobs=old)
+    skip, full = (Learner(world.model_path, algo, LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12,
+                                                                skip_zero_advantage=s), 10, 0, PAD)
+                  for s in (True, False))
+    groups = _groups(full, tokenizer, heldout_prompts[:8], seed=0)
+    before = {k: v.clone() for k, v in full.policy.state_dict().items()}
+    for step, batch in enumerate([_tie(groups, {1, 4, 6}), _tie(groups, set(range(8)))]):
+        s_skip, s_full = skip.train_step(batch), full.train_step(batch)
+        assert s_full.metrics["samples_trained"] == 32
+        assert s_skip.metrics["samples_trained"] == (20 if step == 0 else 0)  # 5 untied groups x 4 samples
+        assert s_skip.metrics["zero_adv_frac"] == s_full.metrics["zero_adv_frac"] == (3 / 8 if step == 0 else 1.0)
+        moved = torch.cat([(full.policy.state_dict()[k] - v).flatten() for k, v in before.items()]).norm()
+        apart = torch.cat([(skip.policy.state_dict()[k] - full.policy.state_dict()[k]).flatten()
+                           for k in before]).norm()
+        assert moved > 1e-2 and apart < 1e-4 * moved, (step, float(moved), float(apart))
+        # Adam hides a wrongly scaled gradient in the weights; the loss and the gradient's norm show it
+        for key in ("policy_loss", "grad_norm"):
+            assert s_skip.metrics[key] == pytest.approx(s_full.metrics[key], rel=1e-4, abs=1e-7), (step, key)
+        if step == 0:
+            after_step1 = {k: v.clone() for k, v in skip.policy.state_dict().items()}
+    # step 2 had no gradient at all, yet moved the weights through Adam's momentum, with and without the skip
+    assert s_skip.metrics["grad_norm"] == 0.0 and s_full.metrics["grad_norm"] == 0.0
+    assert torch.cat([(skip.policy.state_dict()[k] - v).flatten() for k, v in after_step1.items()]).norm() > 1e-2
+
+
+def test_zero_advantage_rows_still_run_when_another_loss_term_reads_them(world, tokenizer, heldout_prompts):
+    """An entropy bonus (or a KL loss, or a critic) gives tied rows a gradient: nothing is skipped then."""
+    torch.set_num_threads(1)
+    lrn = Learner(world.model_path, AlgoConfig(group_size=G, entropy_coef=0.01), LearnerConfig(
+        lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
+    stats = lrn.train_step(_tie(_groups(lrn, tokenizer, heldout_prompts[:8], seed=0), {0, 1}))
+    assert stats.metrics["zero_adv_frac"] == 2 / 8 and stats.metrics["samples_trained"] == 32
