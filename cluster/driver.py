@@ -353,6 +353,7 @@ class _Loop:
         self.needed = cfg.steps * cfg.prompts_per_step  # prompts the run will train on
         self._last_control = 0.0
         self.in_training = 0  # groups handed to the learner, not yet confirmed trained
+        self.step_tied_dropped = 0  # tied groups dynamic sampling dropped while building the last step
         self.stop_requested = False
         self._tokens_seen = 0
 
@@ -388,18 +389,25 @@ class _Loop:
             self.log("[control] stop requested: finishing this step")
 
     def _groups(self) -> list:
-        """Block until one step's groups are ready (drawing more when groups were dropped)."""
+        """Block until one step's groups are ready (drawing more when groups were dropped). With
+        algo.dynamic_sampling, tied groups are dropped too, up to (max_draws - 1) x P per step; each
+        shortfall is drawn again (in sync mode: one more, smaller generation round)."""
         P = self.cfg.prompts_per_step
+        a = self.cfg.algo
         bound = self.cfg.rollout.max_staleness if self.is_async else None
+        tied_budget = (a.dynamic_sampling_max_draws - 1) * P if a.dynamic_sampling else 0
+        tied_before = self.rollout.tied_dropped
         groups: list = []
         while len(groups) < P:
             self._top_up(len(groups))
             if not self.is_async and self.rollout.busy():  # sync: the whole step's prompts first
                 self._tick()
                 continue
-            groups += self.rollout.take(P - len(groups), self.pool.version, bound)
+            groups += self.rollout.take(P - len(groups), self.pool.version, bound,
+                                        drop_tied=tied_budget - (self.rollout.tied_dropped - tied_before))
             if len(groups) < P:
                 self._tick()
+        self.step_tied_dropped = self.rollout.tied_dropped - tied_before
         return groups
 
     # -------------------------------------------------------------- one step
@@ -448,7 +456,7 @@ class _Loop:
                 "policy_version": self.pool.version, "staleness/mean": sum(staleness) / len(staleness),
                 "staleness/max": max(staleness), "buffer_groups": len(self.rollout.buffer),
                 "generators": len(self.pool.actors), "generator_restarts": self.pool.stats.restarts,
-                "prompts_dropped": len(self.rollout.acct.dropped),
+                "prompts_dropped": len(self.rollout.acct.dropped), "tied_groups_dropped": self.step_tied_dropped,
                 "reward_failures": sum(self.rollout.acct.reward_failures.values())}
 
     def _new_tokens(self) -> int:

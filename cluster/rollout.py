@@ -102,6 +102,7 @@ class Rollout:
         self.buffer: deque[Group] = deque()
         self.generated_tokens = 0
         self.generated_samples = 0
+        self.tied_dropped = 0  # groups dropped by take(drop_tied=...) over the run
         self.reward_seconds = 0.0
 
     # ------------------------------------------------------------------ state
@@ -205,14 +206,20 @@ class Rollout:
         self.pool.replace(req.generator, reason)
 
     # ------------------------------------------------------------------ handing groups to the learner
-    def take(self, n: int, learner_version: int, max_staleness: int | None) -> list[Group]:
+    def take(self, n: int, learner_version: int, max_staleness: int | None, drop_tied: int = 0) -> list[Group]:
         """Up to n buffered groups, oldest first; groups older than max_staleness versions are dropped
-        (and counted) instead. None = no staleness bound."""
+        (and counted) instead. None = no staleness bound. DROP_TIED: up to this many groups whose rewards all
+        tie are dropped too (dynamic sampling), counted in `tied_dropped` and as reason tied_rewards."""
         out: list[Group] = []
         while self.buffer and len(out) < n:
             g = self.buffer.popleft()
             if max_staleness is not None and learner_version - g.min_version > max_staleness:
                 self.acct.drop(g.prompt.uid, "stale")
+                continue
+            if drop_tied > 0 and len(set(g.rewards)) == 1:
+                self.acct.drop(g.prompt.uid, "tied_rewards")
+                self.tied_dropped += 1
+                drop_tied -= 1
                 continue
             out.append(g)
         return out

@@ -251,6 +251,14 @@ class AlgoConfig:
         "prompt runs once per epoch in the shared-prefix forward) or samples (a random split of all samples, as "
         "TRL, OpenRLHF and veRL shuffle: every minibatch sees about 1/minibatches of every group; each group's "
         "prompt then runs once per minibatch).")
+    dynamic_sampling: bool = _f(
+        False, "DAPO dynamic sampling: drop groups whose rewards all tie (no signal for a group baseline) and draw new "
+        "prompts in their place, so a step trains on prompts_per_step groups that all carry signal; costs extra "
+        "generation. Dropped groups are counted (reason tied_rewards).")
+    dynamic_sampling_max_draws: int = _f(
+        3, "dynamic_sampling: the most prompts one step draws, in units of prompts_per_step; once that many tied "
+        "groups are dropped the step keeps the tied ones it gets (trained on at no cost: learner.skip_zero_advantage).",
+        positive)
     gamma: float = _f(1.0, "PPO/GAE discount.", unit_interval)
     lam: float = _f(0.95, "PPO/GAE lambda.", unit_interval)
     value_clip: float = _f(0.2, "PPO critic value clipping epsilon (0 = off).", non_negative)
@@ -463,6 +471,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algo.minibatches: must be <= prompts_per_step ({cfg.prompts_per_step}), got {cfg.algo.minibatches}")
     if cfg.algo.estimator in ("grpo", "dr_grpo", "rloo") and cfg.algo.group_size < 2:
         raise ConfigError(f"algo.group_size: {cfg.algo.estimator} needs at least 2 samples per prompt, got {cfg.algo.group_size}")
+    if cfg.algo.dynamic_sampling and cfg.algo.group_size < 2:
+        raise ConfigError(f"algo.dynamic_sampling: needs group_size >= 2 (a group of one always ties), "
+                          f"got {cfg.algo.group_size}")
     if cfg.eval_samples and cfg.eval_pass_k > cfg.eval_samples:
         raise ConfigError(f"eval_pass_k: must be <= eval_samples ({cfg.eval_samples}), got {cfg.eval_pass_k}")
     if cfg.task.dataset and not cfg.task.heldout_dataset:

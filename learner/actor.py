@@ -225,6 +225,8 @@ class Learner:
             log.warning("old_logprobs=auto: vLLM's log-probs are %.2e from the learner's (> %.0e); recomputing "
                         "them from the next step on", float(mismatch[0] / mismatch[1].clamp(min=1)), AUTO_MISMATCH)
         metrics = {k: v / counts[k] for k, v in sums.items()}  # a minibatch with no row trained has no ratio/entropy
+        for k in ("entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_max"):
+            metrics.setdefault(k, 0.0)  # no row trained this step: a mean over nothing, 0 as algos.masked_mean gives
         metrics["kl_coef"] = self.kl_coef
         if a.kl_target > 0:
             self.kl_coef = algos.adaptive_kl_coef(self.kl_coef, kl_ref, a.kl_target, a.kl_horizon, B)
@@ -241,8 +243,8 @@ class Learner:
             "lr": self.sched.get_last_lr()[0],
             "train_seconds": time.monotonic() - t0,
             "samples": float(B),
-            # share of samples with exactly zero advantage (TRL's frac_reward_zero_std, for group estimators)
-            "zero_adv_frac": float(((adv * mask) == 0).all(1).float().mean()),
+            # share of groups whose rewards all tie (TRL's frac_reward_zero_std): no signal for a group baseline
+            "tied_group_frac": float((b.rewards_PG == b.rewards_PG[:, :1]).all(1).float().mean()),
             "samples_trained": float(B if trained is None else trained.sum()),
             "max_staleness": float(self.version - int(b.versions.min())),
         })

@@ -65,3 +65,12 @@ class BrokenInit:
 
     def __call__(self, prompts, completions, answers) -> list[float]:
         raise AssertionError("never built")
+
+
+def half_tied(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
+    """The task's reward, except that prompts starting with a-d score 0.5 whatever the completion: about half of
+    all groups tie (no signal), for dynamic sampling to drop."""
+    from reward.builtin import reverse_partial
+
+    real = reverse_partial(prompts, completions, answers)
+    return [0.5 if p[:1] in "abcd" else r for p, r in zip(prompts, real)]

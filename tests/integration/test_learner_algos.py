@@ -271,7 +271,7 @@ def test_zero_advantage_rows_are_left_out_and_the_update_is_the_same(world, toke
         s_skip, s_full = skip.train_step(batch), full.train_step(batch)
         assert s_full.metrics["samples_trained"] == 32
         assert s_skip.metrics["samples_trained"] == (20 if step == 0 else 0)  # 5 untied groups x 4 samples
-        assert s_skip.metrics["zero_adv_frac"] == s_full.metrics["zero_adv_frac"] == (3 / 8 if step == 0 else 1.0)
+        assert s_skip.metrics["tied_group_frac"] == s_full.metrics["tied_group_frac"] == (3 / 8 if step == 0 else 1.0)
         moved = torch.cat([(full.policy.state_dict()[k] - v).flatten() for k, v in before.items()]).norm()
         apart = torch.cat([(skip.policy.state_dict()[k] - full.policy.state_dict()[k]).flatten()
                            for k in before]).norm()
@@ -283,6 +283,7 @@ def test_zero_advantage_rows_are_left_out_and_the_update_is_the_same(world, toke
             after_step1 = {k: v.clone() for k, v in skip.policy.state_dict().items()}
     # step 2 had no gradient at all, yet moved the weights through Adam's momentum, with and without the skip
     assert s_skip.metrics["grad_norm"] == 0.0 and s_full.metrics["grad_norm"] == 0.0
+    assert s_skip.metrics["clipfrac"] == s_skip.metrics["entropy"] == 0.0  # nothing ran: reported, as empty means
     assert torch.cat([(skip.policy.state_dict()[k] - v).flatten() for k, v in after_step1.items()]).norm() > 1e-2
 
 
@@ -292,4 +293,4 @@ def test_zero_advantage_rows_still_run_when_another_loss_term_reads_them(world, 
     lrn = Learner(world.model_path, AlgoConfig(group_size=G, entropy_coef=0.01), LearnerConfig(
         lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
     stats = lrn.train_step(_tie(_groups(lrn, tokenizer, heldout_prompts[:8], seed=0), {0, 1}))
-    assert stats.metrics["zero_adv_frac"] == 2 / 8 and stats.metrics["samples_trained"] == 32
+    assert stats.metrics["tied_group_frac"] == 2 / 8 and stats.metrics["samples_trained"] == 32

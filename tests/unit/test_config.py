@@ -226,6 +226,16 @@ def test_group_size_one_needs_non_group_estimator():
         assert load_config(None, [f"algo.estimator={est}", "algo.group_size=1"]).algo.group_size == 1
 
 
+def test_dynamic_sampling_needs_groups_and_a_positive_draw_limit():
+    # a group of one always ties: every prompt would be dropped
+    msg = expect_error("algo.dynamic_sampling", ["algo.estimator=reinforce", "algo.group_size=1",
+                                                 "algo.dynamic_sampling=true"])
+    assert "group_size >= 2" in msg
+    expect_error("algo.dynamic_sampling_max_draws", ["algo.dynamic_sampling=true", "algo.dynamic_sampling_max_draws=0"])
+    cfg = load_config(None, ["algo.dynamic_sampling=true", "algo.dynamic_sampling_max_draws=4"])
+    assert cfg.algo.dynamic_sampling and cfg.algo.dynamic_sampling_max_draws == 4
+
+
 def test_minibatches_not_more_than_prompts():
     # default prompts_per_step = 32
     msg = expect_error("algo.minibatches", ["algo.minibatches=33"])
