@@ -61,7 +61,9 @@ def _learner(path: str, variant: str, threads: int, estimator: str):
     from learner.actor import Learner
 
     algo = AlgoConfig(estimator=estimator, old_logprobs="sampler" if variant == "+ sampler" else "recompute")
-    learner = Learner(path, algo, LearnerConfig(torch_threads=threads, shared_prefix=variant != "plain"), 100, 0)
+    # (random rewards never tie, so skip_zero_advantage has nothing to skip here; plain runs every row regardless)
+    learner = Learner(path, algo, LearnerConfig(torch_threads=threads, shared_prefix=variant != "plain",
+                                                skip_zero_advantage=variant != "plain"), 100, 0)
     if variant in ("plain", "shared prefix"):  # undo the two other savings: per-tensor AdamW, full no-grad pass
         learner.opt = torch.optim.AdamW(learner.policy.parameters(), lr=learner.cfg.lr, fused=False)
         if learner.critic is not None:
