@@ -28,7 +28,7 @@ the same resolved relayrl config:
   turned off), warm-up; sampling: temperature 1, top-p 1, no top-k, max_new_tokens (TRL max_completion_length);
 - seed: the same number (data order and sampling streams differ between the frameworks all the same).
 Known differences: relayrl divides by the population std of each group (+1e-6), TRL by the sample std (+1e-4);
-a group whose rewards all tie gets exactly 0 in relayrl, and ~1e-4 or less in TRL (the float mean's rounding over
+a group whose rewards all tie gets exactly 0 in relayrl, and under 1e-3 in TRL (the float mean's rounding over
 1e-4), and relayrl leaves those rows out of the forward/backward (the same update: learner.skip_zero_advantage);
 relayrl's PPO ratio takes vLLM's log-probs as the old ones (its CPU default, algo.old_logprobs=auto: they equal
 the learner's within ~3e-7 here) where TRL recomputes them with a no-grad pass (the same numbers, the work
