@@ -328,7 +328,8 @@ class Learner:
         covered = (mask[rows].sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(rows) / n_rows)
         acc = {k: v if k == "policy_loss" else v / covered.clamp(min=1e-12) for k, v in acc.items()}
         if not len(rows):  # nothing ran: the gradient is exactly zero, and the optimizer steps on it as it would
-            for p in list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic else []):
+            critic = list(self.critic.parameters()) if self.critic is not None else []
+            for p in list(self.policy.parameters()) + critic:
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
             acc["policy_loss"] = torch.zeros((), device=self.device)
