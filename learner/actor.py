@@ -244,7 +244,7 @@ class Learner:
             "train_seconds": time.monotonic() - t0,
             "samples": float(B),
             # share of groups whose rewards all tie (TRL's frac_reward_zero_std): no signal for a group baseline
-            "tied_group_frac": float((b.rewards_PG == b.rewards_PG[:, :1]).all(1).float().mean()),
+            "tied_group_frac": float(algos.tied_groups(b.rewards_PG).float().mean()),
             "samples_trained": float(B if trained is None else trained.sum()),
             "max_staleness": float(self.version - int(b.versions.min())),
         })

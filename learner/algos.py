@@ -25,7 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "masked_sum", "masked_mean", "masked_var", "masked_whiten",
-    "grpo_advantages", "dr_grpo_advantages", "rloo_advantages",
+    "grpo_advantages", "dr_grpo_advantages", "rloo_advantages", "tied_groups",
     "reinforce_baseline_advantages", "reinforce_pp_returns", "broadcast_to_tokens",
     "token_rewards", "gae", "value_loss", "explained_variance",
     "kl_estimate", "aggregate", "policy_loss", "entropy_from_logits",
@@ -111,10 +111,14 @@ def grpo_advantages(rewards_PG: Tensor, scale_by_std: bool = True, eps: float = 
     return _zero_where_tied(adv, r)
 
 
+def tied_groups(rewards_PG: Tensor) -> Tensor:
+    """(P, G) -> (P,) bool: the groups whose rewards are all equal (no signal for a group baseline)."""
+    return (rewards_PG == rewards_PG[..., :1]).all(dim=-1)
+
+
 def _zero_where_tied(adv_PG: Tensor, rewards_PG: Tensor) -> Tensor:
     """Exactly 0 for groups whose rewards are all equal (no signal), whatever the rounding of their baseline."""
-    tied = (rewards_PG == rewards_PG[..., :1]).all(dim=-1, keepdim=True)
-    return torch.where(tied, 0, adv_PG)
+    return torch.where(tied_groups(rewards_PG)[..., None], 0, adv_PG)
 
 
 def dr_grpo_advantages(rewards_PG: Tensor) -> Tensor:
