@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from core.messages import Completion, GenerateRequest, WeightsHandle, sample_seed
+from core.messages import Completion, GenerateRequest, WeightsHandle, continuation_seed, sample_seed
 
 
 @dataclass(frozen=True)
@@ -63,25 +63,51 @@ class Generator:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def generate(self, req: GenerateRequest) -> list[Completion]:
+        """The request's new prompts (n samples each, in prompt order), then its continuations, in order."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        budget = req.chunk_tokens or req.max_new_tokens
+
+        def params(n: int, max_tokens: int, seed: int | None) -> SamplingParams:
+            return SamplingParams(n=n, temperature=req.temperature, max_tokens=max_tokens, logprobs=0, seed=seed)
+
         # one SamplingParams per prompt: each prompt's own random stream (core.messages.sample_seed)
-        params = [SamplingParams(n=req.n, temperature=req.temperature, max_tokens=req.max_new_tokens, logprobs=0,
-                                 seed=None if req.seed is None else sample_seed(req.seed, p.uid)) for p in req.prompts]
+        sp = [params(req.n, min(budget, req.max_new_tokens), None if req.seed is None else sample_seed(req.seed, p.uid))
+              for p in req.prompts]
         inputs = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in req.prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        for k in req.continuations:
+            done = k.sample.token_ids
+            sp.append(params(1, min(budget, req.max_new_tokens - len(done)), None if req.seed is None else
+                             continuation_seed(req.seed, k.sample.prompt.uid, k.index, len(done))))
+            inputs.append(TokensPrompt(prompt_token_ids=[*k.sample.prompt.token_ids, *done]))
+        outputs = self.llm.generate(inputs, sp, use_tqdm=False) if inputs else []
         out: list[Completion] = []
         for prompt, ro in zip(req.prompts, outputs):
-            for o in ro.outputs:
-                ids = tuple(o.token_ids)
-                # logprobs=0 returns the sampled token's log-prob at each position
-                lps = tuple(float(step[tok].logprob) for tok, step in zip(ids, o.logprobs))
-                reason = o.finish_reason if o.finish_reason in ("stop", "length") else "abort"
-                out.append(Completion(prompt=prompt, token_ids=ids, logprobs=lps, text=o.text,
-                                      finish_reason=reason, policy_version=self.version, generator=self.name))
-                self.generated_tokens += len(ids)
+            for o in sorted(ro.outputs, key=lambda o: o.index):  # sample i: the stream seed + i
+                ids, lps, reason = self._sampled(o)
+                out.append(Completion(prompt=prompt, token_ids=ids, logprobs=lps, text=o.text, finish_reason=reason,
+                                      policy_version=self.version, generator=self.name,
+                                      token_versions=(self.version,) * len(ids) if req.chunk_tokens else ()))
+        for k, ro in zip(req.continuations, outputs[len(req.prompts):]):
+            ids, lps, reason = self._sampled(ro.outputs[0])
+            s = k.sample
+            all_ids = s.token_ids + ids
+            out.append(Completion(
+                prompt=s.prompt, token_ids=all_ids, logprobs=s.logprobs + lps,
+                # the whole sample decoded at once: chunk texts may not join at a multi-byte character
+                text=self.llm.get_tokenizer().decode(list(all_ids), skip_special_tokens=True),
+                finish_reason=reason, policy_version=s.policy_version, generator=self.name,
+                token_versions=(s.token_versions or (s.policy_version,) * len(s.token_ids)) + (self.version,) * len(ids)))
         return out
+
+    def _sampled(self, o) -> tuple[tuple[int, ...], tuple[float, ...], str]:
+        """Token ids, the sampler's log-prob of each, and the finish reason of one vLLM CompletionOutput."""
+        ids = tuple(o.token_ids)
+        # logprobs=0 returns the sampled token's log-prob at each position
+        lps = tuple(float(step[tok].logprob) for tok, step in zip(ids, o.logprobs))
+        self.generated_tokens += len(ids)
+        return ids, lps, (o.finish_reason if o.finish_reason in ("stop", "length") else "abort")
 
     def update_weights(self, handle: WeightsHandle, verify: bool = False) -> tuple[int, str | None]:
         """Load a published version in place (no engine restart); returns (new version, fingerprint of the

@@ -57,8 +57,9 @@ class _PendingSync:
 class GeneratorPool:
     def __init__(self, settings: EngineSettings, num_cpus: float, num_gpus: float, startup_timeout_s: float,
                  call_timeout_s: float, sync_timeout_s: float, log=print, max_restarts: int = 8,
-                 verify_sync: bool = False, resources: dict[str, float] | None = None):
+                 verify_sync: bool = False, resources: dict[str, float] | None = None, name_prefix: str = "generator"):
         self.settings = settings
+        self.name_prefix = name_prefix  # actors are named <prefix>-<index> (Ray names are unique per namespace)
         self.resources = resources or {}
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.startup_timeout_s, self.call_timeout_s, self.sync_timeout_s = startup_timeout_s, call_timeout_s, sync_timeout_s
@@ -79,7 +80,7 @@ class GeneratorPool:
 
     # ------------------------------------------------------------------ lifecycle
     def _spawn(self) -> None:
-        name = f"generator-{self._next_index}"
+        name = f"{self.name_prefix}-{self._next_index}"
         self._next_index += 1
         cls = ray.remote(Generator).options(
             name=name, num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=self.resources,

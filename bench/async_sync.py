@@ -12,7 +12,10 @@ same machine, with only the rollout mode and the split of cores between roles ch
 - async, same resources: the default with rollout.mode=async;
 - async, 1+1 cores: 1 generator and a 1-thread learner, so generation and training each own a core
   instead of fighting over both (on 2 cores oversubscription costs more than overlap gains);
-- sync, 1+1 cores: the same split in sync mode, so the last two rows isolate the effect of overlap.
+- sync, 1+1 cores: the same split in sync mode, so it and the row above isolate the effect of overlap;
+- async, 1+1 cores, partial rollouts: requests of at most 2 tokens per sample (rollout.partial_rollout_tokens),
+  unfinished samples continued on the newest weights: what chunking costs where samples are short (the
+  default job's answers are 6 tokens), and how many samples span two versions.
 
 Samples/s counts trained samples over the training loop (start-up and the first evaluation excluded
 for every configuration alike); accuracy is held-out greedy exact match after the same number of
@@ -35,6 +38,8 @@ CONFIGS: dict[str, list[str]] = {
                                               "--learner.torch_threads=1"],
     "sync, 1 generator + 1-thread learner": ["--rollout.mode=sync", "--generator.num_generators=1",
                                              "--learner.torch_threads=1"],
+    "async, 1+1, partial rollouts (2 tokens)": ["--rollout.mode=async", "--generator.num_generators=1",
+                                                "--learner.torch_threads=1", "--rollout.partial_rollout_tokens=2"],
 }
 
 
@@ -45,6 +50,7 @@ def _row(name: str, runs: list[dict]) -> dict:
             "loop_s": median([s["train_loop_seconds"] for s in runs]),
             "sync_share": median([s["sync_share_of_step"] for s in runs]),
             "dropped": median([sum(s["accounting"]["prompts_dropped"].values()) for s in runs]),
+            "multi_version": median([s.get("samples_multi_version", 0) / max(s["samples"], 1) for s in runs]),
             "repeats": len(runs)}
 
 
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("ratio", "vs first row", ".2f"), ("acc_before", "held-out before", ".3f"),
                       ("acc_after", "held-out after", ".3f"), ("loop_s", "loop s", ".0f"),
                       ("sync_share", "sync share of step", ".1%"), ("dropped", "prompts dropped (stale)", ".0f"),
+                      ("multi_version", "samples spanning versions", ".1%"),
                       ("repeats", "runs", "d")])
     print(md)
     print(f"results: {write_results('async_sync', {'config': args.config, 'extra': args.extra, 'rows': rows, 'runs': raw}, md)}")

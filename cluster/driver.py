@@ -159,7 +159,8 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     rollout = Rollout(pool, rewards, group_size=cfg.algo.group_size, temperature=cfg.generator.temperature,
                       max_new_tokens=cfg.generator.max_new_tokens, seed=cfg.seed,
                       prompts_per_request=ro.prompts_per_request, max_inflight_per_generator=ro.max_inflight_per_generator,
-                      call_timeout_s=to.generate_s, acct=acct, reward_cfg=cfg.reward, log=log)
+                      call_timeout_s=to.generate_s, acct=acct, reward_cfg=cfg.reward,
+                      chunk_tokens=ro.partial_rollout_tokens, log=log)
     loop = _Loop(cfg, pool, rollout, stream, learner, control, log, run_dir)
     ks = tuple(sorted({1, cfg.eval_pass_k})) if cfg.eval_samples else ()
 
@@ -234,6 +235,8 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             "samples": samples,
             "samples_per_second": (samples - samples_at_start) / max(loop_s, 1e-9),
             "generated_samples": rollout.generated_samples,
+            "continuation_chunks": rollout.continued,
+            "samples_multi_version": loop.samples_multi_version,
             "phase_seconds": dict(loop.timings),
             "sync_share_of_step": loop.timings["time/sync_s"] / max(loop.timings["time/step_s"], 1e-9),
             "accounting": acct.as_dict(),
@@ -350,6 +353,7 @@ class _Loop:
         self.is_async = cfg.rollout.mode == "async"
         self.timings: Counter = Counter()
         self.samples_trained = 0
+        self.samples_multi_version = 0  # partial rollouts: trained samples whose tokens span policy versions
         self.needed = cfg.steps * cfg.prompts_per_step  # prompts the run will train on
         self._last_control = 0.0
         self.in_training = 0  # groups handed to the learner, not yet confirmed trained
@@ -438,6 +442,8 @@ class _Loop:
         for g in groups:
             self.rollout.acct.train(g.prompt.uid)
         self.samples_trained += sum(len(g.completions) for g in groups)
+        multi = sum(c.versions_spanned > 1 for g in groups for c in g.completions)
+        self.samples_multi_version += multi
         t2 = time.monotonic()
         if step % self.cfg.learner.sync_every == 0:
             handle = ray.get(self.learner.publish.remote(), timeout=to.sync_s)
@@ -457,6 +463,9 @@ class _Loop:
                 "staleness/max": max(staleness), "buffer_groups": len(self.rollout.buffer),
                 "generators": len(self.pool.actors), "generator_restarts": self.pool.stats.restarts,
                 "prompts_dropped": len(self.rollout.acct.dropped), "tied_groups_dropped": self.step_tied_dropped,
+                # partial rollouts: trained samples whose tokens came from more than one policy version
+                "samples_multi_version": multi,
+                "time/sync_land_s": self.pool.last_sync_s,  # the last confirmed sync: queued to every generator serving it
                 "reward_failures": sum(self.rollout.acct.reward_failures.values())}
 
     def _new_tokens(self) -> int:

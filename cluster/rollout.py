@@ -7,6 +7,11 @@ learner trains; async keeps drawing (up to a bound) while the learner trains.
 
 Every prompt drawn is accounted for exactly once: trained, or dropped with a reason. A request
 whose generator dies or misses its deadline goes back to the front of the queue.
+
+Partial rollouts (`chunk_tokens` > 0): each request generates at most that many tokens of any sample.
+A group waits in `partial` until all its samples are finished; its unfinished samples go back to the
+queue as `Continuation`s and carry on, on whichever generator takes them, with the weights it holds
+then. A weight sync therefore lands within one chunk, and no generator waits behind long samples.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError
 
-from core.messages import Completion, GenerateRequest, Group, Prompt, ScoreResult
+from core.messages import Completion, Continuation, GenerateRequest, Group, Prompt, ScoreResult
 from reward.policy import RewardSourceFailed, apply_failure_policy, check_failure_budget, failure_log_lines
 
 
@@ -85,21 +90,27 @@ class _Request:
     generator: str
     prompts: tuple[Prompt, ...]
     deadline: float
+    continuations: tuple[Continuation, ...] = ()
 
 
 class Rollout:
     def __init__(self, pool, rewards, *, group_size: int, temperature: float, max_new_tokens: int, seed: int,
                  prompts_per_request: int, max_inflight_per_generator: int, call_timeout_s: float,
-                 acct: Accounting, reward_cfg, log=print):
+                 acct: Accounting, reward_cfg, chunk_tokens: int = 0, log=print):
         self.pool, self.rewards, self.acct, self.log = pool, rewards, acct, log
         self.group_size, self.temperature, self.max_new_tokens, self.seed = group_size, temperature, max_new_tokens, seed
         self.prompts_per_request, self.max_inflight = prompts_per_request, max_inflight_per_generator
         self.call_timeout_s = call_timeout_s
         self.reward_cfg = reward_cfg
+        self.chunk_tokens = chunk_tokens if 0 < chunk_tokens < max_new_tokens else 0
         self.scored: list[ScoreResult] = []  # this step's scored batches (reward component means)
         self.todo: deque[Prompt] = deque()
         self.inflight: dict[ray.ObjectRef, _Request] = {}
         self.buffer: deque[Group] = deque()
+        # partial rollouts: groups with unfinished samples (slot None = still generating), by prompt uid
+        self.partial: dict[int, tuple[Prompt, list[Completion | None]]] = {}
+        self.cont_todo: deque[Continuation] = deque()
+        self.continued = 0  # continuation chunks generated over the run
         self.generated_tokens = 0
         self.generated_samples = 0
         self.tied_dropped = 0  # groups dropped by take(drop_tied=...) over the run
@@ -113,11 +124,12 @@ class Rollout:
 
     def outstanding(self) -> int:
         """Prompts drawn and not yet trained or dropped: queued, being generated, or buffered."""
-        return len(self.todo) + sum(len(r.prompts) for r in self.inflight.values()) + len(self.buffer)
+        return (len(self.todo) + sum(len(r.prompts) for r in self.inflight.values()) + len(self.partial)
+                + len(self.buffer))
 
     def busy(self) -> bool:
         """Anything queued or being generated (buffered groups are finished work)."""
-        return bool(self.todo or self.inflight)
+        return bool(self.todo or self.inflight or self.partial)
 
     # ------------------------------------------------------------------ progress
     def pump(self, block_s: float = 0.05) -> None:
@@ -125,7 +137,7 @@ class Rollout:
         self.pool.poll()
         self._send()
         if not self.inflight:
-            if self.todo:  # nothing serving right now (all replaced or starting): wait for one
+            if self.todo or self.cont_todo:  # nothing serving right now (all replaced or starting): wait for one
                 time.sleep(min(block_s, 0.05))
             return
         refs = list(self.inflight)
@@ -143,24 +155,31 @@ class Rollout:
         self._send()
 
     def _send(self) -> None:
-        while self.todo:
-            size = self.prompts_per_request or self._auto_request_size()
+        while self.todo or self.cont_todo:
+            free = self._free_slots()
+            # unfinished samples first: they complete groups that already hold finished ones
+            n_cont = min(len(self.cont_todo), self.prompts_per_request * self.group_size if self.prompts_per_request
+                         else -(-len(self.cont_todo) // free))
+            conts = tuple(self.cont_todo.popleft() for _ in range(n_cont))
+            size = self.prompts_per_request or -(-len(self.todo) // free)
             chunk = tuple(self.todo.popleft() for _ in range(min(size, len(self.todo))))
-            req = GenerateRequest(chunk, self.group_size, self.temperature, self.max_new_tokens, seed=self.seed)
+            req = GenerateRequest(chunk, self.group_size, self.temperature, self.max_new_tokens, seed=self.seed,
+                                  continuations=conts, chunk_tokens=self.chunk_tokens)
             sent = self.pool.submit(req, max_load=self.max_inflight)
             if sent is None:
                 self.todo.extendleft(reversed(chunk))
+                self.cont_todo.extendleft(reversed(conts))
                 return
             name, ref = sent
-            self.inflight[ref] = _Request(name, chunk, time.monotonic() + self.call_timeout_s)
+            self.inflight[ref] = _Request(name, chunk, time.monotonic() + self.call_timeout_s, conts)
 
-    def _auto_request_size(self) -> int:
-        """Queue / free slots, rounded up: every free slot gets an equal share now. Requests of a few
-        prompts cost ~45% of vLLM's throughput on the default job (bench/generation.py), since each
+    def _free_slots(self) -> int:
+        """Request slots free now (at least 1). A queue is split evenly over them, rounded up: requests of a
+        few prompts cost ~45% of vLLM's throughput on the default job (bench/generation.py), since each
         request is one engine batch."""
         free = sum(max(0, self.max_inflight - self.pool.load[n]) for n in self.pool.actors
                    if n not in self.pool.draining)
-        return max(1, -(-len(self.todo) // max(1, free)))
+        return max(1, free)
 
     def _collect(self, ref) -> None:
         req = self.inflight[ref]
@@ -171,6 +190,16 @@ class Rollout:
             return
         del self.inflight[ref]
         self.pool.done(req.generator)
+        self._accept(req, completions)
+
+    def _accept(self, req: _Request, completions: list[Completion]) -> None:
+        """A request's completions: queue the unfinished ones, score and buffer every group now complete."""
+        self.generated_tokens += (sum(len(c.token_ids) for c in completions)
+                                  - sum(len(k.sample.token_ids) for k in req.continuations))
+        self.continued += len(req.continuations)
+        completions = self._finished(req, completions)
+        if not completions:
+            return
         t0 = time.monotonic()
         scores = self.rewards.score(completions)
         self.reward_seconds += time.monotonic() - t0
@@ -181,28 +210,47 @@ class Rollout:
         scores = apply_failure_policy(scores, self.reward_cfg.on_failure, self.reward_cfg.failure_penalty)
         self.scored.append(scores)
         groups = assemble(completions, scores, self.group_size, self.acct)
-        lost = len(req.prompts) - len(groups)
-        if lost > len(req.prompts) * self.reward_cfg.max_failure_fraction:
+        whole = len(completions) // self.group_size  # groups this request completed
+        if whole - len(groups) > whole * self.reward_cfg.max_failure_fraction:
             # the per-sample budget passed, but failures spread over groups left too few whole groups
             raise RewardSourceFailed(
-                f"reward failures left {len(groups)} of {len(req.prompts)} groups of one request whole "
+                f"reward failures left {len(groups)} of {whole} groups of one request whole "
                 f"(reward.max_failure_fraction={self.reward_cfg.max_failure_fraction}; failures so far "
                 f"{dict(self.acct.reward_failures)}); refusing to train on what is left. "
                 f"First failure: {scores.failures[0].detail if scores.failures else '?'}")
         self.generated_samples += len(completions)
-        self.generated_tokens += sum(len(c.token_ids) for c in completions)
         self.buffer.extend(groups)
 
+    def _finished(self, req: _Request, completions: list[Completion]) -> list[Completion]:
+        """The completions of every group this request finished, group by group (without partial rollouts:
+        all of them, as they came). Unfinished samples are queued to continue; their groups wait."""
+        if not self.chunk_tokens:
+            return completions
+        G = self.group_size
+        for p in req.prompts:
+            self.partial[p.uid] = (p, [None] * G)
+        slots = [(p.uid, j) for p in req.prompts for j in range(G)] + [(k.sample.prompt.uid, k.index)
+                                                                        for k in req.continuations]
+        touched: dict[int, None] = {}
+        for (uid, j), c in zip(slots, completions):
+            if c.unfinished(self.max_new_tokens):
+                self.cont_todo.append(Continuation(c, j))
+            else:
+                self.partial[uid][1][j] = c
+            touched[uid] = None
+        done = [uid for uid in touched if all(c is not None for c in self.partial[uid][1])]
+        return [c for uid in done for c in self.partial.pop(uid)[1]]  # type: ignore[misc]
+
     def _requeue(self, ref, reason: str) -> None:
-        req = self.inflight.pop(ref)
-        self.pool.stats.requeued_prompts += len(req.prompts)
-        self.todo.extendleft(reversed(req.prompts))
-        # every other request held by the same generator is lost with it
-        for other, r in list(self.inflight.items()):
+        req = self.inflight[ref]
+        # this request and every other one held by the same generator are lost with it; unfinished samples
+        # keep the tokens they had and continue elsewhere. Back to the front of the queues, in the order sent.
+        for other, r in reversed(list(self.inflight.items())):
             if r.generator == req.generator:
                 del self.inflight[other]
                 self.pool.stats.requeued_prompts += len(r.prompts)
                 self.todo.extendleft(reversed(r.prompts))
+                self.cont_todo.extendleft(reversed(r.continuations))
         self.pool.replace(req.generator, reason)
 
     # ------------------------------------------------------------------ handing groups to the learner
@@ -227,7 +275,7 @@ class Rollout:
     def outstanding_prompts(self) -> list[Prompt]:
         """Drawn, not trained or dropped (for checkpoints: re-queued on resume)."""
         return ([*self.todo] + [p for r in self.inflight.values() for p in r.prompts]
-                + [g.prompt for g in self.buffer])
+                + [p for p, _ in self.partial.values()] + [g.prompt for g in self.buffer])
 
     def drop_all(self, reason: str) -> None:
         """At the end of a run: whatever is still queued, in flight or buffered is reported as dropped."""
@@ -236,8 +284,12 @@ class Rollout:
         for req in self.inflight.values():
             for p in req.prompts:
                 self.acct.drop(p.uid, reason)
+        for uid in self.partial:
+            self.acct.drop(uid, reason)
         for g in self.buffer:
             self.acct.drop(g.prompt.uid, reason)
         self.todo.clear()
         self.inflight.clear()
+        self.partial.clear()
+        self.cont_todo.clear()
         self.buffer.clear()

@@ -186,6 +186,11 @@ class RolloutConfig:
                                      "balance load more finely).", non_negative)
     max_inflight_per_generator: int = _f(2, "Outstanding generate calls per generator (2 = no idle gap between "
                                             "calls).", positive)
+    partial_rollout_tokens: int = _f(
+        0, "Partial rollouts (for async mode): a generate call samples at most this many tokens of any sample; an "
+           "unfinished sample goes back to the queue and continues on the weights its next generator holds, so a "
+           "weight sync lands within one chunk and no generator waits behind long samples. Every token records "
+           "the version that sampled it; staleness counts from the first. 0 = whole samples per call.", non_negative)
     verify_sync: bool = _f(False, "After every weight sync, check all generators hold bit-identical weights "
                                   "(costs one hash of the weights per generator).")
     max_generator_restarts: int = _f(8, "Generator failures tolerated per job before it stops.", non_negative)
@@ -474,6 +479,10 @@ def validate(cfg: Config) -> Config:
     if cfg.algo.dynamic_sampling and cfg.algo.group_size < 2:
         raise ConfigError(f"algo.dynamic_sampling: needs group_size >= 2 (a group of one always ties), "
                           f"got {cfg.algo.group_size}")
+    if cfg.rollout.partial_rollout_tokens and cfg.rollout.partial_rollout_tokens >= cfg.generator.max_new_tokens:
+        raise ConfigError(f"rollout.partial_rollout_tokens: must be < generator.max_new_tokens "
+                          f"({cfg.generator.max_new_tokens}; 0 turns partial rollouts off), "
+                          f"got {cfg.rollout.partial_rollout_tokens}")
     if cfg.eval_samples and cfg.eval_pass_k > cfg.eval_samples:
         raise ConfigError(f"eval_pass_k: must be <= eval_samples ({cfg.eval_samples}), got {cfg.eval_pass_k}")
     if cfg.task.dataset and not cfg.task.heldout_dataset:

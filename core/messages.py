@@ -41,6 +41,12 @@ class GenerateRequest:
     seed: int | None = None
     """Base seed (the run's): each prompt samples from its own stream, `sample_seed(seed, prompt.uid)`, so what
     a prompt gets depends on neither the request nor the generator it lands in. None: vLLM's unseeded sampler."""
+    continuations: tuple["Continuation", ...] = ()
+    """Unfinished samples (partial rollouts) to extend by one more chunk, each on its own (n = 1)."""
+    chunk_tokens: int = 0
+    """Partial rollouts: generate at most this many tokens of any sample in this request (0 = whole samples,
+    up to max_new_tokens). A sample cut short comes back with finish_reason "length" and fewer than
+    max_new_tokens tokens (`Completion.unfinished`); the rollout sends it again as a `Continuation`."""
 
 
 _MASK64 = (1 << 64) - 1
@@ -60,6 +66,13 @@ def sample_seed(base: int, uid: int) -> int:
     return (z ^ (z >> 31)) >> 2
 
 
+def continuation_seed(base: int, uid: int, index: int, done: int) -> int:
+    """The vLLM seed for continuing sample INDEX of prompt UID after DONE tokens (partial rollouts): a stream of
+    its own, fixed by (base, uid, index, done), so a continued sample too is the same whatever request or
+    generator it lands in."""
+    return sample_seed(sample_seed(base, uid) & 0xFFFFFFFF, (index << 24) + done + 1)
+
+
 @dataclass(frozen=True)
 class Completion:
     """One sampled completion with what the learner needs to train on it."""
@@ -72,7 +85,30 @@ class Completion:
     text: str
     finish_reason: FinishReason
     policy_version: int
+    """The version that sampled the first token: the oldest (with partial rollouts later tokens may come from
+    newer versions, see token_versions). Staleness is measured from it."""
     generator: str
+    token_versions: tuple[int, ...] = ()
+    """Partial rollouts: the version that sampled each token (same length as token_ids). Empty: every token
+    was sampled by policy_version."""
+
+    def unfinished(self, max_new_tokens: int) -> bool:
+        """Cut short by a partial-rollout chunk: neither stopped nor at the sample's token budget."""
+        return self.finish_reason == "length" and len(self.token_ids) < max_new_tokens
+
+    @property
+    def versions_spanned(self) -> int:
+        """How many policy versions sampled this completion's tokens (1 without partial rollouts)."""
+        return len(set(self.token_versions)) if self.token_versions else 1
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """An unfinished sample of a group (partial rollouts), sent back to a generator to be extended."""
+
+    sample: Completion
+    index: int
+    """Its place in the group (0..G-1): seeds its stream (continuation_seed) and puts it back in its slot."""
 
 
 @dataclass(frozen=True)

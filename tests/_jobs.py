@@ -26,6 +26,15 @@ def small_job(tmp_path, default_cfg, **rollout) -> Config:
     return cfg
 
 
+def check_accounting(s: dict) -> None:
+    """A stopped small_job's summary: every prompt accounted for once, a full batch every step, syncs verified."""
+    a = s["accounting"]
+    assert a["duplicates"] == 0 and a["prompts_unaccounted"] == 0
+    assert a["prompts_drawn"] == a["prompts_trained"] + sum(a["prompts_dropped"].values())
+    assert a["prompts_trained"] == s["steps"] * 8  # every step trained on a full batch
+    assert s["syncs_verified"] >= s["steps"] - 1  # the last sync may still be in flight at the stop
+
+
 class Job:
     def __init__(self, cfg: Config, resume: bool = False):
         from cluster.driver import run
@@ -52,6 +61,11 @@ class Job:
                     return got
             except ValueError:  # named actor not there yet
                 pass
+            except ray.exceptions.RayActorError:  # the control actor went with the job: show why the job ended
+                self.thread.join(timeout=60)
+                if self.error:
+                    raise self.error from None
+                raise AssertionError(f"the job ended while waiting for {what}; log tail: {self.lines[-15:]}") from None
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}; job log tail: {self.lines[-15:]}")
 

@@ -48,7 +48,8 @@ def generator_pool(ray_session, world):
     from actors.pool import GeneratorPool
 
     pool = GeneratorPool(EngineSettings(model_path=world.model_path, max_model_len=64), num_cpus=1, num_gpus=0,
-                         startup_timeout_s=300, call_timeout_s=120, sync_timeout_s=120, log=lambda *_: None)
+                         startup_timeout_s=300, call_timeout_s=120, sync_timeout_s=120, log=lambda *_: None,
+                         name_prefix="shared-generator")  # a job's own pool, started beside it, names its generator-N
     pool.start(2)
     yield pool
     pool.shutdown()

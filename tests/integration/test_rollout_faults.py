@@ -10,17 +10,9 @@ from __future__ import annotations
 import pytest
 import ray
 
-from tests._jobs import Job, small_job
+from tests._jobs import Job, check_accounting, small_job
 
 pytestmark = pytest.mark.integration
-
-
-def _check_accounting(s: dict) -> None:
-    a = s["accounting"]
-    assert a["duplicates"] == 0 and a["prompts_unaccounted"] == 0
-    assert a["prompts_drawn"] == a["prompts_trained"] + sum(a["prompts_dropped"].values())
-    assert a["prompts_trained"] == s["steps"] * 8  # every step trained on a full batch
-    assert s["syncs_verified"] >= s["steps"] - 1  # the last sync may still be in flight at the stop
 
 
 def _assert_on_prometheus_endpoint(names: list[str], timeout_s: float = 60) -> None:
@@ -55,7 +47,7 @@ def test_scale_up_and_down_during_a_run(tmp_path, default_cfg, world, ray_sessio
     job.wait_status(lambda s: s["step"] >= down["step"] + 1, "a step after scaling down")
     s = job.stop()
 
-    _check_accounting(s)
+    check_accounting(s)
     assert s["accounting"]["prompts_dropped"] == {}  # sync mode: nothing stale, nothing lost
     assert s["generator_restarts"] == 0
     assert s["scale_events"] == ["target 2", "target 1", "removed generator-1"]
@@ -72,7 +64,7 @@ def test_async_job_survives_a_killed_generator(tmp_path, default_cfg, world, ray
     job.wait_status(lambda s: s["step"] >= back["step"] + 2, "two steps with the replacement")
     s = job.stop()
 
-    _check_accounting(s)
+    check_accounting(s)
     assert s["generator_restarts"] == 1
     assert len(s["generator_failures"]) == 1 and s["generator_failures"][0].startswith("generator-0")
     assert set(s["accounting"]["prompts_dropped"]) <= {"stale", "unused_at_end"}

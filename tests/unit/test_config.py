@@ -236,6 +236,15 @@ def test_dynamic_sampling_needs_groups_and_a_positive_draw_limit():
     assert cfg.algo.dynamic_sampling and cfg.algo.dynamic_sampling_max_draws == 4
 
 
+def test_partial_rollout_chunk_is_shorter_than_a_sample():
+    # default generator.max_new_tokens = 8: a chunk of 8 or more would never cut a sample
+    msg = expect_error("rollout.partial_rollout_tokens", ["rollout.partial_rollout_tokens=8"])
+    assert "max_new_tokens (8" in msg and "got 8" in msg
+    expect_error("rollout.partial_rollout_tokens", ["rollout.partial_rollout_tokens=-1"])
+    cfg = load_config(None, ["rollout.mode=async", "rollout.partial_rollout_tokens=7"])
+    assert cfg.rollout.partial_rollout_tokens == 7 and load_config(None, []).rollout.partial_rollout_tokens == 0
+
+
 def test_minibatches_not_more_than_prompts():
     # default prompts_per_step = 32
     msg = expect_error("algo.minibatches", ["algo.minibatches=33"])
