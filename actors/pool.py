@@ -37,6 +37,7 @@ class PoolStats:
     failures: list[str] = field(default_factory=list)
     scale_events: list[str] = field(default_factory=list)
     syncs_verified: int = 0
+    sync_seconds: list[float] = field(default_factory=list)  # each confirmed sync: queued -> every generator on it
 
 
 @dataclass
@@ -279,6 +280,7 @@ class GeneratorPool:
                 self.replace(name, detail)
         self.pending_sync = None
         self.last_sync_s = time.monotonic() - ps.started
+        self.stats.sync_seconds.append(self.last_sync_s)
         self._check_synced(ps.handle, results)
         return True
 

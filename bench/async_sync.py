@@ -50,6 +50,7 @@ def _row(name: str, runs: list[dict]) -> dict:
             "loop_s": median([s["train_loop_seconds"] for s in runs]),
             "sync_share": median([s["sync_share_of_step"] for s in runs]),
             "dropped": median([sum(s["accounting"]["prompts_dropped"].values()) for s in runs]),
+            "sync_land_s": median([s.get("sync_land_seconds_median") or 0.0 for s in runs]),
             "multi_version": median([s.get("samples_multi_version", 0) / max(s["samples"], 1) for s in runs]),
             "repeats": len(runs)}
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("ratio", "vs first row", ".2f"), ("acc_before", "held-out before", ".3f"),
                       ("acc_after", "held-out after", ".3f"), ("loop_s", "loop s", ".0f"),
                       ("sync_share", "sync share of step", ".1%"), ("dropped", "prompts dropped (stale)", ".0f"),
+                      ("sync_land_s", "new version on every generator s", ".3f"),
                       ("multi_version", "samples spanning versions", ".1%"),
                       ("repeats", "runs", "d")])
     print(md)

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -237,6 +238,8 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             "generated_samples": rollout.generated_samples,
             "continuation_chunks": rollout.continued,
             "samples_multi_version": loop.samples_multi_version,
+            # how long a new version took to reach every generator (async: it lands between requests)
+            "sync_land_seconds_median": statistics.median(pool.stats.sync_seconds) if pool.stats.sync_seconds else None,
             "phase_seconds": dict(loop.timings),
             "sync_share_of_step": loop.timings["time/sync_s"] / max(loop.timings["time/step_s"], 1e-9),
             "accounting": acct.as_dict(),
