@@ -102,7 +102,8 @@ class Generator:
         return out
 
     def _sampled(self, o) -> tuple[tuple[int, ...], tuple[float, ...], str]:
-        """Token ids, the sampler's log-prob of each, and the finish reason of one vLLM CompletionOutput."""
+        """Token ids, the sampler's log-prob of each, and the finish reason of one vLLM CompletionOutput (its tokens
+        are added to the generator's `generated_tokens`)."""
         ids = tuple(o.token_ids)
         # logprobs=0 returns the sampled token's log-prob at each position
         lps = tuple(float(step[tok].logprob) for tok, step in zip(ids, o.logprobs))
