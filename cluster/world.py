@@ -61,6 +61,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return ids if bos is None or (tokenizer.bos_token and text.startswith(tokenizer.bos_token)) else [bos] + ids
 
 
+def word_lengths(word_length: int, max_word_length: int) -> list[int]:
+    """The word lengths the task draws from: just WORD_LENGTH, or WORD_LENGTH..MAX_WORD_LENGTH (weights 1/L^2)."""
+    return list(range(word_length, max(word_length, max_word_length) + 1))
+
+
 def make_reverse_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Train and held-out rows {prompt, answer}; held-out words never appear in training."""
     letters = "abcdefghijklmnopqrstuvwxyz"[: cfg.alphabet_size]
@@ -68,10 +73,12 @@ def make_reverse_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict
     if total > cfg.alphabet_size ** cfg.word_length:
         raise ValueError("task: train_size + heldout_size exceeds the number of distinct words")
     rng = random.Random(seed)
+    lengths = word_lengths(cfg.word_length, cfg.max_word_length)
     words: set[str] = set()
     ordered: list[str] = []
     while len(ordered) < total:
-        w = "".join(rng.choice(letters) for _ in range(cfg.word_length))
+        n = lengths[0] if len(lengths) == 1 else rng.choices(lengths, weights=[1 / L ** 2 for L in lengths])[0]
+        w = "".join(rng.choice(letters) for _ in range(n))
         if w not in words:
             words.add(w)
             ordered.append(w)
@@ -104,7 +111,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int):
 
 
 def _key(cfg: Config) -> str:
-    payload = {"format": WORLD_FORMAT, "task": dataclasses.asdict(cfg.task), "seed": cfg.seed,
+    task = dataclasses.asdict(cfg.task)
+    if not task["max_word_length"]:  # a field added later: fixed-length worlds keep their cache keys
+        del task["max_word_length"]
+    payload = {"format": WORLD_FORMAT, "task": task, "seed": cfg.seed,
                "model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("cache_dir", "path")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -130,7 +140,7 @@ def ensure_world(cfg: Config, log=print) -> World:
     from learner.sft import supervised_warmstart
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp / "model"))
-    max_len = 1 + len(train[0]["prompt"]) + cfg.task.word_length + 1
+    max_len = 1 + max(len(r["prompt"]) + len(r["answer"]) for r in train + heldout) + 1
     model = build_model(cfg.model, len(tokenizer), max(64, 4 * max_len), cfg.seed)
     examples = [(encode(tokenizer, r["prompt"]), tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [EOS])
                 for r in train]

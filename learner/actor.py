@@ -29,7 +29,7 @@ from core.config import AlgoConfig, LearnerConfig  # plain dataclasses; no drive
 from core.messages import Group, TrainStats, WeightsHandle
 from core.weights import serialize_state_dict
 from learner import algos
-from learner.batch import Batch, collate
+from learner.batch import Batch, collate, micro_batches
 from learner.forward import ValueModel, batch_logits
 
 log = logging.getLogger(__name__)
@@ -95,31 +95,40 @@ class Learner:
         return self._logits(self.critic, b)[..., 0]
 
     def _micro(self, b: Batch):
-        B = b.input_ids.shape[0]
-        for s in range(0, B, self.cfg.micro_batch_size):
-            yield s, b.rows(torch.arange(s, min(B, s + self.cfg.micro_batch_size)))
+        """(positions, micro-batch): B's rows split by learner.micro_batch_size / micro_batch_tokens, each
+        micro-batch cut to its own longest row (its tensors are (n, w) and (n, w-1), w <= B's width)."""
+        parts = micro_batches(b.attention_mask.sum(1).tolist(), b.group_id.tolist(), self.cfg.micro_batch_size,
+                              self.cfg.micro_batch_tokens)
+        for pos in parts:
+            idx = torch.tensor(pos, dtype=torch.long)
+            yield idx, b.rows(idx, trim=True)
+
+    def _rowwise(self, fn, b: Batch) -> torch.Tensor:
+        """FN (micro-batch -> (n, w-1)) over B's rows by micro-batch, assembled into (B, W-1) (zeros beyond each
+        micro-batch's width, where every row is padding)."""
+        out = torch.zeros(b.mask.shape, device=self.device)
+        for idx, mb in self._micro(b):
+            out[idx.to(self.device), : mb.mask.shape[1]] = fn(mb)
+        return out
 
     @torch.no_grad()
     def _no_grad_pass(self, b: Batch, old_rows: torch.Tensor | None = None,
                       recompute: bool = True) -> dict[str, torch.Tensor]:
         """Old log-probs (when RECOMPUTE), reference log-probs and values over the whole batch, micro-batched.
         OLD_ROWS, when given: compute old log-probs for these rows only (zeros elsewhere)."""
-        parts: dict[str, list[torch.Tensor]] = {"ref": [], "values": []}
-        for _, mb in self._micro(b):
-            if self.ref is not None:
-                parts["ref"].append(self._logp(self.ref, mb))
-            if self.critic is not None:
-                parts["values"].append(self._values(mb))
-        pre = {k: torch.cat(v) for k, v in parts.items() if v}
+        pre: dict[str, torch.Tensor] = {}
+        if self.ref is not None:
+            pre["ref"] = self._rowwise(lambda mb: self._logp(self.ref, mb), b)
+        if self.critic is not None:
+            pre["values"] = self._rowwise(self._values, b)
         if recompute:
             sub = b if old_rows is None else b.rows(old_rows)
-            old = [self._logp(self.policy, mb) for _, mb in self._micro(sub)] if len(sub.input_ids) else []
+            old = self._rowwise(lambda mb: self._logp(self.policy, mb), sub)
             if old_rows is None:
-                pre["old"] = torch.cat(old)
+                pre["old"] = old
             else:
                 pre["old"] = torch.zeros(b.mask.shape, device=self.device)
-                if old:
-                    pre["old"][old_rows.to(self.device)] = torch.cat(old)
+                pre["old"][old_rows.to(self.device)] = old
         return pre
 
     # ------------------------------------------------------------------ advantages
@@ -287,24 +296,29 @@ class Learner:
         if trained is not None:
             rows = rows[trained[rows].cpu()]
         acc: dict[str, torch.Tensor] = {}
-        for s, mb in self._micro(b.rows(rows)):
-            idx = rows[s: s + mb.input_ids.shape[0]]
-            m = mask[idx]
+        for pos, mb in self._micro(b.rows(rows)):
+            idx = rows[pos]
+            w1 = mb.mask.shape[1]  # the micro-batch's own width (its longest row), minus 1
+
+            def cut(t: torch.Tensor) -> torch.Tensor:
+                return t[idx, :w1]
+
+            m = cut(mask)
             # weight each micro-batch by its share of the minibatch (tokens for token-mean, rows otherwise),
             # so accumulated gradients equal one big batch's
             share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / n_rows)
             logits = self._logits(self.policy, mb)
             logp = algos.token_logprobs(logits, mb.input_ids[:, 1:].to(self.device))
             if fill_old:
-                pre["old"][idx] = logp.detach()
+                pre["old"][idx, :w1] = logp.detach()
             is_w = None
             if a.is_correction != "none":
-                is_w, _ = algos.importance_weights(pre["old"][idx], sampler_logp[idx], m, a.is_correction, a.is_cap)
+                is_w, _ = algos.importance_weights(cut(pre["old"]), cut(sampler_logp), m, a.is_correction, a.is_cap)
             if mismatch is not None:
-                mismatch[0] += ((logp.detach() - pre["old"][idx]).abs() * m).sum()
+                mismatch[0] += ((logp.detach() - cut(pre["old"])).abs() * m).sum()
                 mismatch[1] += m.sum()
             pg, pm = algos.policy_loss(
-                logp, pre["old"][idx], adv[idx], m, clip_low=a.clip_low, clip_high=a.clip_high,
+                logp, cut(pre["old"]), cut(adv), m, clip_low=a.clip_low, clip_high=a.clip_high,
                 dual_clip=a.dual_clip or None, agg=a.loss_agg, norm_const=norm_const,
                 is_weights_BT=is_w)
             loss = pg
@@ -312,16 +326,16 @@ class Learner:
             if a.entropy_coef:
                 loss = loss - a.entropy_coef * ent
             if self.ref is not None and a.kl_mode == "loss":
-                kl_now = algos.kl_estimate(logp, pre["ref"][idx], a.kl_kind)
+                kl_now = algos.kl_estimate(logp, cut(pre["ref"]), a.kl_kind)
                 loss = loss + self.kl_coef * algos.aggregate(kl_now, m, a.loss_agg, norm_const)
             (loss * share).backward()
             parts = {"policy_loss": pg.detach(), "entropy": ent.detach(), **pm}
             if self.critic is not None:
                 v = self._values(mb)
-                vl = algos.value_loss(v, pre["values"][idx], ret[idx], m, a.value_clip or None)
+                vl = algos.value_loss(v, cut(pre["values"]), cut(ret), m, a.value_clip or None)
                 (vl * share).backward()
                 parts["value_loss"] = vl.detach()
-                parts["explained_variance"] = algos.explained_variance(pre["values"][idx], ret[idx], m)
+                parts["explained_variance"] = algos.explained_variance(cut(pre["values"]), cut(ret), m)
             for k, val in parts.items():
                 acc[k] = acc.get(k, 0.0) + val * share
         # shares sum to 1 over all rows; rows left out added exactly 0 to the loss but are not in the diagnostics
@@ -412,7 +426,7 @@ class Learner:
     def logprobs(self, groups: list[Group]) -> list[list[float]]:
         """The learner's log-probs of each completion's tokens (same order as the groups' completions)."""
         b = collate(groups, self.pad_id)
-        lp = torch.cat([self._logp(self.policy, mb) for _, mb in self._micro(b)]).cpu()
+        lp = self._rowwise(lambda mb: self._logp(self.policy, mb), b).cpu()
         return [lp[i][b.mask[i].bool()].tolist() for i in range(lp.shape[0])]
 
     @torch.no_grad()

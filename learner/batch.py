@@ -26,10 +26,14 @@ class Batch:
     prompt_len: torch.Tensor      # (B,) long, prompt tokens at the start of each row
     group_id: torch.Tensor        # (B,) long, index of the row's group (rows of one group share the prompt)
 
-    def rows(self, idx: torch.Tensor) -> "Batch":
-        """Sub-batch of rows `idx` (rewards_PG is not sliced: it belongs to the whole batch)."""
-        return Batch(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.sampler_logp[idx],
-                     self.rewards_PG, self.versions[idx], self.prompt_len[idx], self.group_id[idx])
+    def rows(self, idx: torch.Tensor, trim: bool = False) -> "Batch":
+        """Sub-batch of rows `idx` (rewards_PG is not sliced: it belongs to the whole batch). TRIM: cut the
+        columns to the sub-batch's own longest row, so a micro-batch of short rows does not pay for the
+        batch's longest one (right padding: the cut columns are padding in every row kept)."""
+        w = int(self.attention_mask[idx].sum(1).max()) if trim and len(idx) else self.input_ids.shape[1]
+        return Batch(self.input_ids[idx, :w], self.attention_mask[idx, :w], self.mask[idx, : w - 1],
+                     self.sampler_logp[idx, : w - 1], self.rewards_PG, self.versions[idx], self.prompt_len[idx],
+                     self.group_id[idx])
 
 
 def collate(groups: list[Group], pad_id: int) -> Batch:
@@ -61,3 +65,34 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
         slp[i, : len(lp)] = torch.tensor(lp)
     rewards = torch.tensor([list(g.rewards) for g in groups], dtype=torch.float32)
     return Batch(input_ids, attn, mask, slp, rewards, torch.tensor(versions), torch.tensor(plen), torch.tensor(gid))
+
+
+def micro_batches(lengths: list[int], group_id: list[int], max_rows: int, max_tokens: int = 0) -> list[list[int]]:
+    """Split rows 0..len(lengths)-1 into micro-batches (lists of row positions) for gradient accumulation.
+
+    MAX_TOKENS = 0: consecutive runs of MAX_ROWS rows, in order. MAX_TOKENS > 0 (veRL's dynamic batch size):
+    rows ordered by their group's longest row (a group's rows stay adjacent, for the shared-prompt forward;
+    ties keep row order), then packed greedily so that each micro-batch's padded size, rows x its longest row,
+    is at most MAX_TOKENS. A row longer than the budget goes alone. MAX_ROWS does not apply then: short rows
+    share a micro-batch, long ones get smaller ones, and a long-tailed batch stops padding every micro-batch
+    to its longest sample. Which micro-batch a row lands in does not change the accumulated gradient."""
+    n = len(lengths)
+    if not max_tokens:
+        return [list(range(s, min(n, s + max_rows))) for s in range(0, n, max_rows)]
+    longest: dict[int, int] = {}
+    for g, L in zip(group_id, lengths):
+        longest[g] = max(longest.get(g, 0), L)
+    order = sorted(range(n), key=lambda i: (longest[group_id[i]], group_id[i], i))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i])
+        if cur and (len(cur) + 1) * w > max_tokens:
+            out.append(cur)
+            cur, w = [], lengths[i]
+        cur.append(i)
+        width = w
+    if cur:
+        out.append(cur)
+    return out

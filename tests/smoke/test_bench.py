@@ -84,3 +84,33 @@ def test_algos_bench_rejects_an_unknown_variant(tmp_path):
                           "--results-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "unknown variant(s) ['gpro']" in out.stderr
     assert not (tmp_path / "algos.json").exists()
+
+
+def test_long_tail_bench_tiny_budget(tmp_path):
+    """bench/long_tail.py (through bench.async_sync.compare, which async_sync uses too): two configurations on
+    a short long-tailed task, 2 steps each, then the same table re-made from the JSON alone."""
+    extra = ["--task.max_word_length=12", "--generator.max_new_tokens=13", "--model.warmstart_steps=5", "--steps=2",
+             "--prompts_per_step=8", "--eval_every=2", "--algo.group_size=4"]
+    only = ["async 1+1, partial 8", "async 1+1, dynamic micro-batches"]
+    out = subprocess.run([sys.executable, "-m", "bench.long_tail", "--only", *only, *(f"--extra={e}" for e in extra),
+                          "--out", str(tmp_path / "runs"), "--results-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "long_tail.json").read_text())
+    assert [r["config"] for r in res["rows"]] == only and res["extra"] == extra
+    assert "--task.max_word_length=40" in res["base"]
+    for r in res["rows"]:
+        assert r["samples_per_s"] > 0 and r["train_s"] > 0 and r["wait_s"] >= 0 and r["repeats"] == 1, r
+    partial, dynamic = (res["runs"][c][0] for c in only)
+    assert partial["accounting"]["prompts_trained"] == dynamic["accounting"]["prompts_trained"] == 16
+    assert partial["continuation_chunks"] > 0 and dynamic["continuation_chunks"] == 0  # answers of up to 13 tokens
+    # the overrides reached the runs (extra after base: the short task), as the resolved configs show
+    cfg = (tmp_path / "runs" / "async-2-r0" / "config.yaml").read_text()
+    assert "max_word_length: 12" in cfg and "partial_rollout_tokens: 8" in cfg
+    assert "micro_batch_tokens: 2048" in (tmp_path / "runs" / "async-3-r0" / "config.yaml").read_text()
+    md = (tmp_path / "long_tail.md").read_text()
+    again = subprocess.run([sys.executable, "-m", "bench.long_tail", "--from-json", str(tmp_path / "long_tail.json"),
+                            "--results-dir", str(tmp_path / "again")], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "again" / "long_tail.md").read_text() == md

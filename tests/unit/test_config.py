@@ -245,6 +245,24 @@ def test_partial_rollout_chunk_is_shorter_than_a_sample():
     assert cfg.rollout.partial_rollout_tokens == 7 and load_config(None, []).rollout.partial_rollout_tokens == 0
 
 
+def test_long_tailed_task_lengths_and_answer_budget():
+    msg = expect_error("task.max_word_length", ["task.max_word_length=5"])  # default word_length = 5
+    assert "> task.word_length (5" in msg and "got 5" in msg
+    expect_error("task.max_word_length", ["task.max_word_length=-1"])
+    # default generator.max_new_tokens = 8: a 5..24-letter task needs 25 (24 letters + end of sequence)
+    msg = expect_error("generator.max_new_tokens", ["task.max_word_length=24"])
+    assert "at least 25" in msg and "got 8" in msg
+    expect_error("generator.max_new_tokens", ["task.word_length=8"])
+    cfg = load_config(None, ["task.max_word_length=24", "generator.max_new_tokens=25"])
+    assert cfg.task.max_word_length == 24 and load_config(None, []).task.max_word_length == 0
+
+
+def test_micro_batch_tokens_is_non_negative():
+    expect_error("learner.micro_batch_tokens", ["learner.micro_batch_tokens=-1"])
+    assert load_config(None, ["learner.micro_batch_tokens=4096"]).learner.micro_batch_tokens == 4096
+    assert load_config(None, []).learner.micro_batch_tokens == 0
+
+
 def test_minibatches_not_more_than_prompts():
     # default prompts_per_step = 32
     msg = expect_error("algo.minibatches", ["algo.minibatches=33"])
