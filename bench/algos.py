@@ -2,7 +2,7 @@
 
     python -m bench.algos                 # all variants, 1 repetition each
     python -m bench.algos --only grpo ppo --repeats 3
-    python -m bench.algos --model large --only grpo "grpo samples-split" --repeats 3   # 27M, ~6.5 min a run
+    python -m bench.algos --model large --only grpo "grpo whole-groups" --repeats 3   # 27M, ~6.5 min a run
     python -m bench.algos --only grpo "grpo no-skip" "grpo dynamic-sampling" --repeats 3  # learner skip, DAPO filter
 
 Each variant is the default job (examples/demo.yaml: same model, task, warm start, seed, steps and
@@ -35,8 +35,9 @@ VARIANTS: dict[str, list[str]] = {
     "grpo+kl k3 loss": ["--algo.kl_coef=0.05", "--algo.kl_kind=k3", "--algo.kl_mode=loss"],
     "grpo+kl k3 reward": ["--algo.kl_coef=0.05", "--algo.kl_kind=k3", "--algo.kl_mode=reward"],
     "grpo+kl adaptive": ["--algo.kl_coef=0.05", "--algo.kl_kind=k3", "--algo.kl_target=0.02"],
-    # minibatches drawn from all samples (TRL's way) instead of whole groups
+    # minibatches drawn from all samples (TRL's way; the default since 2026-12-02, spelled out) or whole groups
     "grpo samples-split": ["--algo.minibatch_split=samples"],
+    "grpo whole-groups": ["--algo.minibatch_split=groups"],
     # the learner runs every sample, tied groups too (the same update, more compute: learner.skip_zero_advantage)
     "grpo no-skip": ["--learner.skip_zero_advantage=false"],
     # DAPO dynamic sampling: tied groups dropped and replaced by new prompts (more generation per step)

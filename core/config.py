@@ -255,10 +255,11 @@ class AlgoConfig:
     epochs: int = _f(1, "Passes over each batch.", positive)
     minibatches: int = _f(2, "Optimizer steps per epoch (the batch is split into this many minibatches).", positive)
     minibatch_split: Literal["groups", "samples"] = _f(
-        "groups", "How each epoch splits the batch into minibatches: groups (a random split of whole groups: each "
-        "prompt runs once per epoch in the shared-prefix forward) or samples (a random split of all samples, as "
+        "samples", "How each epoch splits the batch into minibatches: samples (a random split of all samples, as "
         "TRL, OpenRLHF and veRL shuffle: every minibatch sees about 1/minibatches of every group; each group's "
-        "prompt then runs once per minibatch).")
+        "prompt then runs once per minibatch in the shared-prefix forward) or groups (a random split of whole "
+        "groups: each prompt runs once per epoch, a few % less compute; held-out accuracy 0.072 lower on average "
+        "at 27M over 4 seeds, level on the tiny model over 6: README, Benchmarks).")
     dynamic_sampling: bool = _f(
         False, "DAPO dynamic sampling: drop groups whose rewards all tie (no signal for a group baseline) and draw new "
         "prompts in their place, so a step trains on prompts_per_step groups that all carry signal; costs extra "

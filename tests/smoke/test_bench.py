@@ -61,22 +61,22 @@ def test_algos_bench_tiny_budget(tmp_path):
     """bench/algos.py: two variants through the real `relayrl train` CLI, 2 steps each, one table and one JSON."""
     extra = ["--steps=2", "--prompts_per_step=8", "--eval_every=2", "--generator.num_generators=1",
              "--algo.group_size=4"]
-    out = subprocess.run([sys.executable, "-m", "bench.algos", "--only", "grpo", "grpo samples-split", "--seeds", "0",
+    out = subprocess.run([sys.executable, "-m", "bench.algos", "--only", "grpo", "grpo whole-groups", "--seeds", "0",
                           *(f"--extra={e}" for e in extra), "--out", str(tmp_path / "runs"),
                           "--results-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "algos.json").read_text())
     assert res["model"] == "tiny" and res["extra"] == extra and res["seeds"] == [0]
-    assert [r["variant"] for r in res["rows"]] == ["grpo", "grpo samples-split"]
+    assert [r["variant"] for r in res["rows"]] == ["grpo", "grpo whole-groups"]
     for r in res["rows"]:
         assert r["repeats"] == 1 and 0.0 <= r["acc_after"] <= 1.0 and r["per_run"] == f"{r['acc_after']:.3f}", r
         assert r["samples_per_s"] > 0
     for name, runs in res["runs"].items():
         assert [s["accounting"]["prompts_trained"] for s in runs] == [16], name
     # each variant's overrides reached its run: the resolved config the run wrote
-    assert "minibatch_split: samples" in (tmp_path / "runs" / "grpo_samples-split-r0" / "config.yaml").read_text()
-    assert "minibatch_split: groups" in (tmp_path / "runs" / "grpo-r0" / "config.yaml").read_text()
-    assert "| grpo samples-split |" in (tmp_path / "algos.md").read_text()
+    assert "minibatch_split: groups" in (tmp_path / "runs" / "grpo_whole-groups-r0" / "config.yaml").read_text()
+    assert "minibatch_split: samples" in (tmp_path / "runs" / "grpo-r0" / "config.yaml").read_text()  # the default
+    assert "| grpo whole-groups |" in (tmp_path / "algos.md").read_text()
 
 
 def test_algos_bench_rejects_an_unknown_variant(tmp_path):
