@@ -36,6 +36,29 @@ def engine_env(settings: EngineSettings) -> dict[str, str]:
     }
 
 
+# vLLM's CPU scheduler takes at most this many tokens per step (its LLM-class default on CPU)
+CPU_STEP_TOKENS = 4096
+
+
+def engine_args(settings: EngineSettings) -> dict:
+    """The `vllm.LLM` arguments of a generator; the benchmarks' bare-vLLM baselines use the same.
+
+    On CPU, chunked prefill is off. vLLM 0.32 splits a prefill that does not fit one scheduler step
+    (4096 tokens on CPU: a few dozen long prompts, or partial rollouts' continuations) across steps,
+    and then rewinds the request's seeded torch generator, which a CPU generator cannot do: the
+    request fails with "CPU Generator does not use offset", and every relayrl request is seeded. Without
+    chunking a prompt waits for the next step instead (tests/integration/test_sampling.py). GPUs keep
+    vLLM's default: CUDA generators rewind."""
+    from vllm.platforms import current_platform
+
+    args = dict(model=settings.model_path, dtype=settings.dtype, seed=settings.seed,
+                enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
+                max_model_len=settings.max_model_len, worker_extension_cls="actors.vllm_ext.WeightReceiver")
+    if current_platform.is_cpu():
+        args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_STEP_TOKENS, settings.max_model_len))
+    return args
+
+
 class Generator:
     """Plain class; `actors.pool` wraps it with `ray.remote` and names each actor by role."""
 
@@ -47,11 +70,7 @@ class Generator:
         t0 = time.monotonic()
         self.name = name
         self.version = version
-        self.llm = LLM(
-            model=settings.model_path, dtype=settings.dtype, seed=settings.seed,
-            enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_len, worker_extension_cls="actors.vllm_ext.WeightReceiver",
-        )
+        self.llm = LLM(**engine_args(settings))
         self.startup_seconds = time.monotonic() - t0
         self.generated_tokens = 0
 

@@ -15,8 +15,9 @@ that costs. Ratios are against the seeded bare call, the same work as relayrl's.
 Models: `tiny` is the default job's model (cluster.world.ensure_world(Config()): 0.67M parameters, warm-started);
 `medium` is a randomly initialised 27M-parameter Llama (hidden 512, 8 layers) built like bench/weight_sync.py.
 
-Paths (same model folder, same engine settings as actors/generator.py: EngineSettings defaults, i.e. float32,
-enforce_eager, seed, gpu_memory_utilization, max_model_len, the same worker extension, and engine_env:
+Paths (same model folder, same engine settings as actors/generator.py: its engine_args, i.e. float32,
+enforce_eager, seed, gpu_memory_utilization, max_model_len, the same worker extension, chunked prefill off
+on CPU, and engine_env:
 VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_KVCACHE_SPACE):
 - bare vLLM: one `vllm.LLM.generate` call over all prompts in this process, what a user would write
   (and again without a seed);
@@ -114,9 +115,9 @@ def _bare_engine(settings, threads: int):
         _set_threads(threads)
     from vllm import LLM
 
-    llm = LLM(model=settings.model_path, dtype=settings.dtype, seed=settings.seed,
-               enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
-               max_model_len=settings.max_model_len, worker_extension_cls="actors.vllm_ext.WeightReceiver")
+    from actors.generator import engine_args
+
+    llm = LLM(**engine_args(settings))
     if threads:
         _set_threads(threads)
     return llm

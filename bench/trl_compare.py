@@ -156,7 +156,7 @@ def final_accuracies(cfg, world, folders: dict[str, str]) -> dict[str, dict[str,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.generator import EngineSettings, engine_env
+    from actors.generator import EngineSettings, engine_args, engine_env
     from core.weights import serialize_state_dict
 
     rows = _heldout(world)
@@ -167,9 +167,7 @@ def final_accuracies(cfg, world, folders: dict[str, str]) -> dict[str, dict[str,
         os.environ[k] = v
     from vllm import LLM
 
-    llm = LLM(model=settings.model_path, dtype=settings.dtype, seed=settings.seed, enforce_eager=settings.enforce_eager,
-              gpu_memory_utilization=settings.gpu_memory_utilization, max_model_len=settings.max_model_len,
-              worker_extension_cls="actors.vllm_ext.WeightReceiver")
+    llm = LLM(**engine_args(settings))
     out = {}
     try:
         for name, folder in folders.items():

@@ -34,3 +34,22 @@ def test_a_prompts_samples_do_not_depend_on_its_request(generator_pool, heldout_
     # samples are draws, not the greedy answer N times, so the equalities above are not vacuous
     assert sum(len(set(s)) for s in together.values()) > len(together)
     assert _samples(generator_pool, prompts, seed=8) != {uid: s for uid, s in reordered.items()}
+
+
+def test_a_request_bigger_than_one_scheduler_step_samples_as_small_ones_do(generator_pool, heldout_prompts, tokenizer):
+    """200 prompts of 50 tokens, one sample each: 5000 prompt tokens per generator, more than vLLM's CPU scheduler
+    takes in one step (max_num_batched_tokens 4096), the shape of partial rollouts' continuations and of long dataset prompts.
+    vLLM 0.32 splits such a prefill across steps and then rewinds the request's seeded torch generator, which
+    CPU generators cannot do ("CPU Generator does not use offset"): the generator must not let it happen, and
+    every prompt must sample what it samples in a small request."""
+    from core.messages import Prompt
+
+    base = heldout_prompts[0]
+    long = [Prompt(20_000 + i, "x", (base.token_ids[0],) + tuple(tokenizer.convert_tokens_to_ids(
+        list(("abcdefgh" * 7)[i % 8: i % 8 + 49]))), base.answer) for i in range(200)]
+    assert sum(len(p.token_ids) for p in long) == 10_000
+    comps = generator_pool.generate(long, n=1, temperature=1.0, max_new_tokens=MAX_NEW, seed=3)
+    assert len(comps) == 200 and all(c.token_ids for c in comps)
+    small = generator_pool.generate([long[5], long[77]], n=1, temperature=1.0, max_new_tokens=MAX_NEW, seed=3)
+    by_uid = {c.prompt.uid: c.token_ids for c in comps}
+    assert [c.token_ids for c in small] == [by_uid[long[5].uid], by_uid[long[77].uid]]
