@@ -1,6 +1,6 @@
 """Long-tailed answers: what partial rollouts and dynamic micro-batches buy, in the same run.
 
-    python -m bench.long_tail                  # 5 configurations, 1 repetition each (~25 min on 2 cores)
+    python -m bench.long_tail                  # 5 configurations, 1 repetition each (~16 min on 2 cores)
     python -m bench.long_tail --only "async 1+1" "async 1+1, partial 8" --repeats 3
     python -m bench.long_tail --from-json bench/results/long_tail.json   # re-tabulate stored runs
 

@@ -77,6 +77,7 @@ def make_reverse_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict
     words: set[str] = set()
     ordered: list[str] = []
     while len(ordered) < total:
+        # fixed length draws nothing for it, so the default task's words (and cached worlds) stay as they were
         n = lengths[0] if len(lengths) == 1 else rng.choices(lengths, weights=[1 / L ** 2 for L in lengths])[0]
         w = "".join(rng.choice(letters) for _ in range(n))
         if w not in words:
