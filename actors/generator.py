@@ -1,15 +1,31 @@
 """Generator: a Ray actor owning one real vLLM engine.
 
 It turns a `GenerateRequest` into `Completion`s carrying token ids, the sampler's per-token
-log-probs, the finish reason and the policy version that produced them, and swaps in new weights
-between requests. The actor runs one call at a time, so a version switch can never interleave
-with a generation: no request is ever served by a half-loaded model.
+log-probs, the finish reason and the policy versions that produced them, and swaps in new weights
+while it runs.
+
+One engine thread owns the vLLM engine and steps it; Ray calls (the actor is threaded) only hand it
+work and wait (`generate`, `update_weights`, `fingerprint`). So:
+- **continuous batching across calls**: a second request joins the engine's running batch at the next
+  step instead of waiting for the first request's slowest sample (vLLM's `LLM.generate` would hold the
+  actor until its whole batch is done);
+- **weight updates land between two engine steps**, never inside one: no token is ever sampled by a
+  half-loaded model. When they land is the caller's choice (rollout.inflight_updates):
+  - not inflight (default): an update waits until the requests already running finish; requests that arrive
+    meanwhile wait for it. Every sample comes from one version.
+  - inflight (PipelineRL's in-flight updates): it lands at the next step boundary; running samples carry
+    on with the new weights (their KV cache is kept). vLLM labels each token with the version that
+    sampled it (`Completion.token_versions`); staleness counts from the first token.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from core.messages import Completion, GenerateRequest, WeightsHandle, continuation_seed, sample_seed
@@ -59,6 +75,20 @@ def engine_args(settings: EngineSettings) -> dict:
     return args
 
 
+# Ray threads per generator actor: concurrent generate calls (the rollout keeps
+# rollout.max_inflight_per_generator outstanding), plus weight updates and info calls beside them
+ACTOR_CONCURRENCY = 16
+
+
+@dataclass
+class _Call:
+    """One generate call's vLLM requests, finished ones filled in by the engine thread."""
+
+    ids: list[str]
+    outputs: dict[str, object]
+    future: Future
+
+
 class Generator:
     """Plain class; `actors.pool` wraps it with `ray.remote` and names each actor by role."""
 
@@ -71,25 +101,117 @@ class Generator:
         self.name = name
         self.version = version
         self.llm = LLM(**engine_args(settings))
+        self.llm.llm_engine.set_weight_version(str(version))
         self.startup_seconds = time.monotonic() - t0
         self.generated_tokens = 0
+        self.updates_in_flight = 0  # updates that landed while requests were in the engine (inflight)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls = itertools.count()  # next() is atomic: Ray runs generate calls in several threads
+        self._failed: BaseException | None = None
+        threading.Thread(target=self._engine_loop, name=f"{name}-engine", daemon=True).start()
 
     def info(self) -> dict:
         import ray
 
         return {"name": self.name, "version": self.version, "startup_seconds": self.startup_seconds,
-                "generated_tokens": self.generated_tokens, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "generated_tokens": self.generated_tokens, "updates_in_flight": self.updates_in_flight,
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
+    # ------------------------------------------------------------------ the engine thread
+    def _submit(self, kind: str, payload) -> Future:
+        fut: Future = Future()
+        if self._failed is not None:
+            fut.set_exception(RuntimeError(f"{self.name}: engine thread failed: {self._failed!r}"))
+        else:
+            self._inbox.put((kind, payload, fut))
+        return fut
+
+    def _engine_loop(self) -> None:
+        """Owns the engine: takes new work and updates from the inbox, steps while anything runs. An
+        update that must wait (not inflight, samples running) holds back every generate call
+        that arrives after it, so the running ones drain and it lands before them."""
+        engine = self.llm.llm_engine
+        waiting: dict[str, _Call] = {}  # vLLM request id -> its call
+        held: list[tuple[str, object, Future]] = []  # behind a waiting update, in arrival order
+        try:
+            while True:
+                busy = engine.has_unfinished_requests()
+                try:  # wait for work only when there is nothing to step and nothing held to take in
+                    held.append(self._inbox.get(block=not busy and not held))
+                    while True:
+                        held.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    pass
+                while held:
+                    kind, payload, fut = held[0]
+                    if kind == "update" and busy and not payload[3]:
+                        break  # lands once the running samples finish; later calls wait behind it
+                    held.pop(0)
+                    if kind == "generate":
+                        ids, requests = payload
+                        call = _Call(ids, {}, fut)
+                        for rid, (prompt, params) in zip(ids, requests):
+                            # prefix-cache blocks are shared only among requests started on the same version
+                            prompt["cache_salt"] = f"v{self.version}"
+                            engine.add_request(rid, prompt, params)
+                            waiting[rid] = call
+                        busy = busy or bool(ids)
+                        if not ids:
+                            fut.set_result({})
+                    else:
+                        try:
+                            fut.set_result(self._apply(kind, payload, busy))
+                        except Exception as e:  # a bad blob fails its caller, not the engine
+                            fut.set_exception(e)
+                if engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if not out.finished:
+                            continue
+                        call = waiting.pop(out.request_id)
+                        call.outputs[out.request_id] = out
+                        self.generated_tokens += sum(len(o.token_ids) for o in out.outputs)
+                        if len(call.outputs) == len(call.ids):
+                            call.future.set_result({i: call.outputs[i] for i in call.ids})
+        except BaseException as e:  # the engine is unusable: fail every waiting caller, and later ones
+            self._failed = e
+            for call in waiting.values():
+                if not call.future.done():
+                    call.future.set_exception(RuntimeError(f"{self.name}: engine failed: {e!r}"))
+            for _, _, fut in held:
+                fut.set_exception(RuntimeError(f"{self.name}: engine failed: {e!r}"))
+            raise
+
+    def _apply(self, kind: str, payload, busy: bool):
+        if kind == "fingerprint":
+            return self.llm.collective_rpc("relayrl_fingerprint")[0]
+        blob, checksum, version, _, verify = payload
+        self.llm.collective_rpc("relayrl_load_weights", args=(blob, checksum))
+        # vLLM's prefix cache holds KV computed with the old weights: drop it. With samples running (in-flight
+        # update) their blocks cannot be freed and vLLM keeps the cache; requests are salted with the version
+        # they start on (cache_salt), so no new request reuses blocks of an older version either way.
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.set_weight_version(str(version))
+        self.version = version
+        self.updates_in_flight += busy
+        # fingerprinted in the same engine pause: no later update can land in between
+        return version, (self.llm.collective_rpc("relayrl_fingerprint")[0] if verify else None)
+
+    # ------------------------------------------------------------------ Ray calls
     def generate(self, req: GenerateRequest) -> list[Completion]:
         """The request's new prompts (n samples each, in prompt order), then its continuations, in order."""
+        return self.completions(req, self.submit_generate(req).result())
+
+    def submit_generate(self, req: GenerateRequest) -> Future:
+        """Hand a request's vLLM requests to the engine thread; the future gives `completions` its outputs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         budget = req.chunk_tokens or req.max_new_tokens
 
         def params(n: int, max_tokens: int, seed: int | None) -> SamplingParams:
-            return SamplingParams(n=n, temperature=req.temperature, max_tokens=max_tokens, logprobs=0, seed=seed)
+            return SamplingParams(n=n, temperature=req.temperature, max_tokens=max_tokens, logprobs=0, seed=seed,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
 
         # one SamplingParams per prompt: each prompt's own random stream (core.messages.sample_seed)
         sp = [params(req.n, min(budget, req.max_new_tokens), None if req.seed is None else sample_seed(req.seed, p.uid))
@@ -100,46 +222,53 @@ class Generator:
             sp.append(params(1, min(budget, req.max_new_tokens - len(done)), None if req.seed is None else
                              continuation_seed(req.seed, k.sample.prompt.uid, k.index, len(done))))
             inputs.append(TokensPrompt(prompt_token_ids=[*k.sample.prompt.token_ids, *done]))
-        outputs = self.llm.generate(inputs, sp, use_tqdm=False) if inputs else []
+        call = next(self._calls)
+        ids = [f"{call}-{i}" for i in range(len(inputs))]
+        return self._submit("generate", (ids, list(zip(inputs, sp))))
+
+    def completions(self, req: GenerateRequest, done: dict) -> list[Completion]:
+        """`req`'s Completions from its finished vLLM outputs (by request id, in submission order)."""
+        outputs = list(done.values())
         out: list[Completion] = []
         for prompt, ro in zip(req.prompts, outputs):
             for o in sorted(ro.outputs, key=lambda o: o.index):  # sample i: the stream seed + i
-                ids, lps, reason = self._sampled(o)
-                out.append(Completion(prompt=prompt, token_ids=ids, logprobs=lps, text=o.text, finish_reason=reason,
-                                      policy_version=self.version, generator=self.name,
-                                      token_versions=(self.version,) * len(ids) if req.chunk_tokens else ()))
+                ids_, lps, reason, versions = self._sampled(o)
+                out.append(Completion(prompt=prompt, token_ids=ids_, logprobs=lps, text=o.text, finish_reason=reason,
+                                      policy_version=versions[0] if versions else self.version, generator=self.name,
+                                      token_versions=versions if req.chunk_tokens or len(set(versions)) > 1 else ()))
         for k, ro in zip(req.continuations, outputs[len(req.prompts):]):
-            ids, lps, reason = self._sampled(ro.outputs[0])
+            ids_, lps, reason, versions = self._sampled(ro.outputs[0])
             s = k.sample
-            all_ids = s.token_ids + ids
+            all_ids = s.token_ids + ids_
             out.append(Completion(
                 prompt=s.prompt, token_ids=all_ids, logprobs=s.logprobs + lps,
                 # the whole sample decoded at once: chunk texts may not join at a multi-byte character
                 text=self.llm.get_tokenizer().decode(list(all_ids), skip_special_tokens=True),
                 finish_reason=reason, policy_version=s.policy_version, generator=self.name,
-                token_versions=(s.token_versions or (s.policy_version,) * len(s.token_ids)) + (self.version,) * len(ids)))
+                token_versions=(s.token_versions or (s.policy_version,) * len(s.token_ids)) + versions))
         return out
 
-    def _sampled(self, o) -> tuple[tuple[int, ...], tuple[float, ...], str]:
-        """Token ids, the sampler's log-prob of each, and the finish reason of one vLLM CompletionOutput (its tokens
-        are added to the generator's `generated_tokens`)."""
+    def _sampled(self, o) -> tuple[tuple[int, ...], tuple[float, ...], str, tuple[int, ...]]:
+        """Token ids, the sampler's log-prob of each, the finish reason and the version that sampled each token, of
+        one vLLM CompletionOutput."""
         ids = tuple(o.token_ids)
         # logprobs=0 returns the sampled token's log-prob at each position
         lps = tuple(float(step[tok].logprob) for tok, step in zip(ids, o.logprobs))
-        self.generated_tokens += len(ids)
-        return ids, lps, (o.finish_reason if o.finish_reason in ("stop", "length") else "abort")
+        versions: list[int] = []
+        for span in o.weight_versions or ():  # vLLM's record: tokens [start, end) came from weights `version`
+            versions += [int(span.version)] * (span.end - span.start)
+        if len(versions) != len(ids):  # no record (no tokens): the version serving now
+            versions = [self.version] * len(ids)
+        return ids, lps, (o.finish_reason if o.finish_reason in ("stop", "length") else "abort"), tuple(versions)
 
-    def update_weights(self, handle: WeightsHandle, verify: bool = False) -> tuple[int, str | None]:
-        """Load a published version in place (no engine restart); returns (new version, fingerprint of the
-        loaded weights when `verify`, else None)."""
+    def update_weights(self, handle: WeightsHandle, verify: bool = False, inflight: bool = False) -> tuple[int, str | None]:
+        """Load a published version in place (no engine restart), between two engine steps: once the samples
+        running now finish, or with `inflight` at the next step (see the module docstring). Returns (new
+        version, fingerprint of the loaded weights when `verify`, else None)."""
         import ray
 
         blob = ray.get(handle.blob_ref[0])
-        self.llm.collective_rpc("relayrl_load_weights", args=(blob, handle.checksum))
-        # vLLM's prefix cache holds KV computed with the old weights; drop it
-        self.llm.reset_prefix_cache()
-        self.version = handle.version
-        return self.version, (self.fingerprint() if verify else None)
+        return self._submit("update", (blob, handle.checksum, handle.version, inflight, verify)).result()
 
     def fingerprint(self) -> str:
-        return self.llm.collective_rpc("relayrl_fingerprint")[0]
+        return self._submit("fingerprint", None).result()

@@ -10,8 +10,9 @@
 - pushes a published version to every generator, blocking (sync mode) or in the background
   (async mode), each transfer under a deadline.
 
-Version switches never interleave with generation: each actor runs one call at a time and Ray
-runs one caller's calls in submission order, so `update_weights` lands between two requests.
+Version switches never interleave with an engine step: each generator's engine thread applies
+`update_weights` between two steps, after its running samples finish or, with
+rollout.inflight_updates, at once (actors/generator.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from actors.generator import EngineSettings, Generator, engine_env
+from actors.generator import ACTOR_CONCURRENCY, EngineSettings, Generator, engine_env
 from core.messages import Completion, GenerateRequest, Prompt, WeightsHandle
 
 
@@ -43,8 +44,9 @@ class PoolStats:
 @dataclass
 class _Starting:
     actor: ray.actor.ActorHandle
-    ready_ref: ray.ObjectRef
+    ready_ref: ray.ObjectRef  # its info(), then its first weight load
     since: float
+    loading: int | None = None  # the version it is loading before it serves
 
 
 @dataclass
@@ -58,7 +60,8 @@ class _PendingSync:
 class GeneratorPool:
     def __init__(self, settings: EngineSettings, num_cpus: float, num_gpus: float, startup_timeout_s: float,
                  call_timeout_s: float, sync_timeout_s: float, log=print, max_restarts: int = 8,
-                 verify_sync: bool = False, resources: dict[str, float] | None = None, name_prefix: str = "generator"):
+                 verify_sync: bool = False, resources: dict[str, float] | None = None, name_prefix: str = "generator",
+                 inflight_updates: bool = False):
         self.settings = settings
         self.name_prefix = name_prefix  # actors are named <prefix>-<index> (Ray names are unique per namespace)
         self.resources = resources or {}
@@ -67,6 +70,7 @@ class GeneratorPool:
         self.log = log
         self.max_restarts = max_restarts
         self.verify_sync = verify_sync
+        self.inflight_updates = inflight_updates  # see actors.generator: when an update lands in a busy generator
         self.actors: dict[str, ray.actor.ActorHandle] = {}  # serving
         self.starting: dict[str, _Starting] = {}
         self.draining: set[str] = set()
@@ -85,7 +89,7 @@ class GeneratorPool:
         self._next_index += 1
         cls = ray.remote(Generator).options(
             name=name, num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=self.resources,
-            max_restarts=0, max_concurrency=1,
+            max_restarts=0, max_concurrency=ACTOR_CONCURRENCY,
             runtime_env={"env_vars": engine_env(self.settings)})
         actor = cls.remote(name, self.settings)
         self.starting[name] = _Starting(actor, actor.info.remote(), time.monotonic())
@@ -104,21 +108,27 @@ class GeneratorPool:
             time.sleep(0.05)
 
     def poll(self) -> None:
-        """Admit generators that finished starting (after queueing the current weights), retire drained
+        """Admit generators that finished starting and loading the current weights, retire drained
         ones, and fail those past their start-up deadline. Cheap; call it often."""
         if self.starting:
             ready, _ = ray.wait([s.ready_ref for s in self.starting.values()], num_returns=len(self.starting), timeout=0)
             ready = set(ready)
             for name, s in list(self.starting.items()):
                 if s.ready_ref in ready:
-                    del self.starting[name]
                     try:
-                        self.placement[name] = ray.get(s.ready_ref)["node_id"]
-                    except RayActorError as e:
+                        result = ray.get(s.ready_ref)
+                    except Exception as e:  # died, or its engine refused the weights
+                        del self.starting[name]
                         self._failed(name, s.actor, f"died while starting: {e}")
                         continue
-                    if self.handle is not None:  # queued before any request, so it serves this version first
-                        s.actor.update_weights.remote(self.handle)
+                    if s.loading is None:
+                        self.placement[name] = result["node_id"]
+                    if self.handle is not None and s.loading != self.handle.version:
+                        # it serves only once it holds the current version: the actor is threaded, so a request
+                        # sent now could reach its engine before the weights do
+                        s.ready_ref, s.loading = s.actor.update_weights.remote(self.handle), self.handle.version
+                        continue
+                    del self.starting[name]
                     self.actors[name], self.load[name] = s.actor, 0
                     self.log(f"[pool] {name} serving (version {self.version})")
                 elif time.monotonic() - s.since > self.startup_timeout_s:
@@ -254,7 +264,8 @@ class GeneratorPool:
         """Queue a version on every serving generator; it lands after each one's current request.
         A still-pending older sync is superseded (the newer version is queued behind it)."""
         self.handle = handle
-        refs = {name: a.update_weights.remote(handle, self.verify_sync) for name, a in self.actors.items()}
+        refs = {name: a.update_weights.remote(handle, self.verify_sync, self.inflight_updates)
+                for name, a in self.actors.items()}
         now = time.monotonic()
         self.pending_sync = _PendingSync(handle, refs, now + self.sync_timeout_s, now)
 

@@ -40,6 +40,8 @@ CONFIGS: dict[str, list[str]] = {
                                              "--learner.torch_threads=1"],
     "async, 1+1, partial rollouts (2 tokens)": ["--rollout.mode=async", "--generator.num_generators=1",
                                                 "--learner.torch_threads=1", "--rollout.partial_rollout_tokens=2"],
+    "async, 1+1, in-flight updates": ["--rollout.mode=async", "--generator.num_generators=1",
+                                      "--learner.torch_threads=1", "--rollout.inflight_updates=true"],
 }
 
 

@@ -1,6 +1,6 @@
 """Long-tailed answers: what partial rollouts and dynamic micro-batches buy, in the same run.
 
-    python -m bench.long_tail                  # 5 configurations, 1 repetition each (~16 min on 2 cores)
+    python -m bench.long_tail                  # 7 configurations, 1 repetition each (~22 min on 2 cores)
     python -m bench.long_tail --only "async 1+1" "async 1+1, partial 8" --repeats 3
     python -m bench.long_tail --from-json bench/results/long_tail.json   # re-tabulate stored runs
 
@@ -18,7 +18,10 @@ runs through the real `relayrl train` CLI, one after the other, with only the fi
   unfinished samples continue in a later call, on the newest weights;
 - + dynamic micro-batches: learner.micro_batch_tokens=2048: the learner's micro-batches hold samples of
   similar length up to 2048 padded tokens, instead of 64 samples each padded to the longest in the batch;
-- both.
+- both;
+- + in-flight updates: rollout.inflight_updates=true: a new version lands in the generator at its next
+  engine step instead of after its running samples finish (PipelineRL); samples may span versions;
+- in-flight updates + dynamic micro-batches.
 
 Samples/s counts trained samples over the training loop (start-up and the first evaluation excluded
 alike); "waiting for samples" is the learner-side time a step spends waiting for generation, "learner"
@@ -39,6 +42,9 @@ CONFIGS: dict[str, list[str]] = {
     "async 1+1, dynamic micro-batches": [*SPLIT, "--learner.micro_batch_tokens=2048"],
     "async 1+1, partial 8 + dynamic micro-batches": [*SPLIT, "--rollout.partial_rollout_tokens=8",
                                                      "--learner.micro_batch_tokens=2048"],
+    "async 1+1, in-flight updates": [*SPLIT, "--rollout.inflight_updates=true"],
+    "async 1+1, in-flight updates + dynamic micro-batches": [*SPLIT, "--rollout.inflight_updates=true",
+                                                             "--learner.micro_batch_tokens=2048"],
 }
 
 

@@ -150,6 +150,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     rewards = RewardPool(cfg.reward, timeout_s=to.reward_s, log=log)
     pool = GeneratorPool(settings, cfg.generator.num_cpus, cfg.generator.num_gpus, to.startup_s, to.generate_s, to.sync_s,
                          log=log, max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync,
+                         inflight_updates=ro.inflight_updates,
                          resources=parse_resources(cfg.generator.resources))
     saved = json.loads((ckpt / "driver.json").read_text()) if ckpt else None
     if saved:  # metrics logged after the checkpoint belong to the lost attempt

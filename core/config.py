@@ -194,6 +194,10 @@ class RolloutConfig:
            "unfinished sample goes back to the queue and continues on the weights its next generator holds, so a "
            "weight sync lands within one chunk and no generator waits behind long samples. Every token records "
            "the version that sampled it; staleness counts from the first. 0 = whole samples per call.", non_negative)
+    inflight_updates: bool = _f(
+        False, "Async mode: a weight update lands in a generator at its next engine step, not after its running "
+               "samples finish (PipelineRL's in-flight updates; their KV cache is kept). Samples may then span "
+               "versions: every token records the version that sampled it, staleness counts from the first.")
     verify_sync: bool = _f(False, "After every weight sync, check all generators hold bit-identical weights "
                                   "(costs one hash of the weights per generator).")
     max_generator_restarts: int = _f(8, "Generator failures tolerated per job before it stops.", non_negative)
