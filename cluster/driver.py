@@ -239,7 +239,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             "generated_samples": rollout.generated_samples,
             "continuation_chunks": rollout.continued,
             "samples_multi_version": loop.samples_multi_version,
-            # how long a new version took to reach every generator (async: it lands between requests)
+            # how long a new version took to reach every generator (async: once running samples finish, or in flight)
             "sync_land_seconds_median": statistics.median(pool.stats.sync_seconds) if pool.stats.sync_seconds else None,
             "phase_seconds": dict(loop.timings),
             "sync_share_of_step": loop.timings["time/sync_s"] / max(loop.timings["time/step_s"], 1e-9),
@@ -452,7 +452,7 @@ class _Loop:
         if step % self.cfg.learner.sync_every == 0:
             handle = ray.get(self.learner.publish.remote(), timeout=to.sync_s)
             if self.is_async:
-                self.pool.start_sync(handle)  # lands between requests; confirmed in _tick
+                self.pool.start_sync(handle)  # lands between engine steps; confirmed in _tick
             else:
                 self.pool.sync(handle)
         t3 = time.monotonic()
