@@ -183,7 +183,7 @@ class Generator:
 
     def _apply(self, kind: str, payload, busy: bool):
         if kind == "fingerprint":
-            return self.llm.collective_rpc("relayrl_fingerprint")[0]
+            return self._fingerprint()
         blob, checksum, version, _, verify = payload
         self.llm.collective_rpc("relayrl_load_weights", args=(blob, checksum))
         # vLLM's prefix cache holds KV computed with the old weights: drop it. With samples running (in-flight
@@ -194,7 +194,10 @@ class Generator:
         self.version = version
         self.updates_in_flight += busy
         # fingerprinted in the same engine pause: no later update can land in between
-        return version, (self.llm.collective_rpc("relayrl_fingerprint")[0] if verify else None)
+        return version, (self._fingerprint() if verify else None)
+
+    def _fingerprint(self) -> str:  # engine thread only
+        return self.llm.collective_rpc("relayrl_fingerprint")[0]
 
     # ------------------------------------------------------------------ Ray calls
     def generate(self, req: GenerateRequest) -> list[Completion]:

@@ -261,7 +261,8 @@ class GeneratorPool:
             self.poll_sync(block_s=0.5)
 
     def start_sync(self, handle: WeightsHandle) -> None:
-        """Queue a version on every serving generator; it lands after each one's current request.
+        """Queue a version on every serving generator; it lands between two of its engine steps (after its running
+        samples, or at once with inflight_updates).
         A still-pending older sync is superseded (the newer version is queued behind it)."""
         self.handle = handle
         refs = {name: a.update_weights.remote(handle, self.verify_sync, self.inflight_updates)
