@@ -2,6 +2,7 @@
 
     python -m bench.generation                       # tiny + medium models, 1 then 2 generators, 5 repeats
     python -m bench.generation --models tiny --generators 1 --prompts 16 --repeats 1 --results-dir /tmp/gen
+    python -m bench.generation --models medium --generators 2 --dtypes float32 bfloat16   # bf16 (AMX CPUs)
 
 Work, identical for every path: the first --prompts training prompts of the default task (the default
 world's train parquet, BOS + characters), each sampled --n times (the job's group size, 8) at temperature 1
@@ -200,7 +201,7 @@ def _process_info(pool) -> dict:
     return info
 
 
-def _block(model: str, params: int, gens: int, llm, pool, prompts, args) -> tuple[list[dict], dict]:
+def _block(model: str, params: int, gens: int, llm, pool, prompts, args, dtype: str = "float32") -> tuple[list[dict], dict]:
     """Warm up, then measure the paths (PATHS) in rotating rounds; rows for this (model, generators) block."""
     runners = {PATHS[0]: lambda s: _bare_pass(llm, prompts, args, s),
                PATHS[1]: lambda s: _rollout_pass(pool, prompts, args, s),
@@ -216,7 +217,7 @@ def _block(model: str, params: int, gens: int, llm, pool, prompts, args) -> tupl
     rows = []
     for path in runners:
         tps = median([t / s for t, _, s in raw[path]])
-        rows.append({"model": model, "params_m": params / 1e6, "generators": 1 if path in (PATHS[0], PATHS[3]) else gens,
+        rows.append({"model": model, "dtype": dtype, "params_m": params / 1e6, "generators": 1 if path in (PATHS[0], PATHS[3]) else gens,
                      "path": path, "tokens_per_s": tps, "samples_per_s": median([n / s for _, n, s in raw[path]]),
                      "seconds": median([s for _, _, s in raw[path]]),
                      "tokens": median([t for t, _, _ in raw[path]]), "repeats": args.repeats})
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bare-threads", type=int, default=1,
                    help="torch threads of the bare engine (default 1, as each generator actor gets with "
                         "generator.num_cpus=1); 0 = torch's default (every core).")
+    p.add_argument("--dtypes", nargs="*", default=["float32"], choices=["float32", "bfloat16"],
+                   help="generator.dtype, for every path alike; each one is a block of its own (bfloat16 pays on CPUs "
+                        "with AMX; the 'vs float32' column compares a path's tokens/s with its float32 block's).")
     p.add_argument("--target", type=float, default=0.95, help="Wanted ratio (rollout path, 1 generator).")
     p.add_argument("--results-dir", default=None, help="Where generation.{json,md} go (default bench/results).")
     args = p.parse_args(argv)
@@ -261,12 +265,12 @@ def main(argv: list[str] | None = None) -> int:
              object_store_memory=256 * 2**20)
     rows, raw, procs = [], {}, {}
     try:
-        for model in args.models:
+        for model, dtype in ((m, d) for m in args.models for d in args.dtypes):
             with tempfile.TemporaryDirectory() as tmp:
                 path, params = _model_folder(model, tmp)
                 prompts = _prompts(path, args.prompts)
                 settings = EngineSettings(model_path=path, max_model_len=max(64, max(len(q.token_ids) for q in prompts)
-                                                                             + args.max_new_tokens))
+                                                                             + args.max_new_tokens), dtype=dtype)
                 pool = GeneratorPool(settings, num_cpus=1, num_gpus=0, startup_timeout_s=600, call_timeout_s=600,
                                      sync_timeout_s=600, log=lambda *_: None, max_restarts=0)
                 llm = None
@@ -278,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                         if gens != len(pool.actors):
                             pool.scale(gens)
                             _wait_started(pool, 600)
-                        block, block_raw = _block(model, params, gens, llm, pool, prompts, args)
+                        block, block_raw = _block(model, params, gens, llm, pool, prompts, args, dtype)
                         rows += block
-                        raw[f"{model}/{gens}"] = block_raw
-                        procs[f"{model}/{gens}"] = _process_info(pool)
+                        key = f"{model}/{gens}" + ("" if dtype == "float32" else f"/{dtype}")
+                        raw[key] = block_raw
+                        procs[key] = _process_info(pool)
                         for r in block:
-                            print(f"{model} {gens} gen  {r['path']:<24} {r['tokens_per_s']:>9.0f} tok/s  "
+                            print(f"{model} {dtype} {gens} gen  {r['path']:<24} {r['tokens_per_s']:>9.0f} tok/s  "
                                   f"ratio {r['ratio']:.3f}", flush=True)
                 finally:
                     pool.shutdown()
@@ -292,13 +297,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
 
-    ratios = {f"{r['model']}/{r['generators']}gen/{r['path']}": r["ratio"] for r in rows if r["path"] in PATHS[1:3]}
-    unseeded = {f"{r['model']}/{r['generators']}gen": r["ratio"] for r in rows if r["path"] == PATHS[3]}
-    one = {r["model"]: r["ratio"] for r in rows if r["path"] == PATHS[1] and r["generators"] == 1}
-    md = table(rows, [("model", "model", ""), ("params_m", "params (M)", ".2f"), ("path", "path", ""),
-                      ("generators", "generators", "d"), ("tokens_per_s", "tokens/s", ".0f"),
-                      ("samples_per_s", "samples/s", ".0f"), ("seconds", "s per pass", ".3f"),
-                      ("ratio", "vs bare vLLM", ".3f"), ("repeats", "runs", "d")])
+    def suffix(r: dict) -> str:  # float32 keys as before bfloat16 blocks existed
+        return "" if r["dtype"] == "float32" else f"/{r['dtype']}"
+
+    ratios = {f"{r['model']}/{r['generators']}gen/{r['path']}{suffix(r)}": r["ratio"] for r in rows if r["path"] in PATHS[1:3]}
+    unseeded = {f"{r['model']}/{r['generators']}gen{suffix(r)}": r["ratio"] for r in rows if r["path"] == PATHS[3]}
+    one = {r["model"] + suffix(r): r["ratio"] for r in rows if r["path"] == PATHS[1] and r["generators"] == 1}
+    fp32 = {(r["model"], r["generators"], r["path"]): r["tokens_per_s"] for r in rows if r["dtype"] == "float32"}
+    for r in rows:
+        base = fp32.get((r["model"], r["generators"], r["path"]))
+        r["vs_float32"] = r["tokens_per_s"] / base if base else None
+    cols = [("model", "model", ""), ("params_m", "params (M)", ".2f"), ("path", "path", ""),
+            ("generators", "generators", "d"), ("tokens_per_s", "tokens/s", ".0f"),
+            ("samples_per_s", "samples/s", ".0f"), ("seconds", "s per pass", ".3f"),
+            ("ratio", "vs bare vLLM", ".3f"), ("repeats", "runs", "d")]
+    if args.dtypes != ["float32"]:
+        cols[1:1] = [("dtype", "dtype", "")]
+        cols.insert(-1, ("vs_float32", "vs float32", ".2f"))
+    md = table(rows, cols)
     md += (f"\n\n{args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, temperature "
            f"{args.temperature}; median of {args.repeats} interleaved rounds (one pass of each path) after one warm-up "
            f"pass each; 'vs bare vLLM' is the median of the per-round ratios. "

@@ -16,6 +16,9 @@ weights), fed the same groups shaped like the default job's (7-token prompts, 6-
 With `--estimator ppo` the critic (a second copy of the body, learner/forward.ValueModel) runs the same way
 as the policy in each variant: once per row in plain, each group's prompt once from shared prefix on.
 Variants run interleaved, one warm-up update each; the median seconds per update is reported.
+`--bf16` compares instead "+ reuse" (float32) with learner.compute_dtype=bfloat16 (bf16 autocast, float32 weights,
+old log-probs recomputed as algo.old_logprobs=auto does for bf16), run with torch's SDPA attention and with the
+eager attention the learner picks for bf16 on CPU. It pays only on CPUs with AMX (the result file's machine.cpu_isa).
 """
 
 from __future__ import annotations
@@ -62,8 +65,13 @@ def _learner(path: str, variant: str, threads: int, estimator: str):
 
     algo = AlgoConfig(estimator=estimator, old_logprobs="sampler" if variant == "+ sampler" else "recompute")
     # (random rewards never tie, so skip_zero_advantage has nothing to skip here; plain runs every row regardless)
+    dtype = "bfloat16" if variant.startswith("bf16") else "float32"
     learner = Learner(path, algo, LearnerConfig(torch_threads=threads, shared_prefix=variant != "plain",
-                                                skip_zero_advantage=variant != "plain"), 100, 0)
+                                                skip_zero_advantage=variant != "plain", compute_dtype=dtype), 100, 0)
+    if variant == "bf16, SDPA attention":  # what the learner would run without its eager-attention choice
+        for model in (learner.policy, learner.critic and learner.critic.body):
+            if model is not None:
+                model.set_attn_implementation("sdpa")
     if variant in ("plain", "shared prefix"):  # undo the two other savings: per-tensor AdamW, full no-grad pass
         learner.opt = torch.optim.AdamW(learner.policy.parameters(), lr=learner.cfg.lr, fused=False)
         if learner.critic is not None:
@@ -74,6 +82,10 @@ def _learner(path: str, variant: str, threads: int, estimator: str):
 
 
 VARIANTS = ("plain", "shared prefix", "+ reuse", "+ sampler")
+# --bf16: learner.compute_dtype=bfloat16 (old log-probs recomputed, as auto does with bf16) against "+ reuse", the
+# float32 learner on the same old-log-prob path; with torch's SDPA attention and with the eager attention the
+# learner picks for bf16 on CPU
+BF16_VARIANTS = ("+ reuse", "bf16, SDPA attention", "bf16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch threads (learner.torch_threads).")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bf16", action="store_true", help="float32 against learner.compute_dtype=bfloat16 (pays on "
+                   "CPUs with AMX; GPUs autocast to bf16 by default).")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
 
+    variants = BF16_VARIANTS if args.bf16 else VARIANTS
     path, params = _model(args.model)
-    learners = {v: _learner(path, v, args.threads, args.estimator) for v in VARIANTS}
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    learners = {v: _learner(path, v, args.threads, args.estimator) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(args.repeats + 1):
         for v, learner in learners.items():
             groups = _groups(args.prompts, args.group, seed=rep)
@@ -98,15 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             learner.train_step(groups)
             if rep:  # the first round is warm-up
                 times[v].append(time.perf_counter() - t0)
-    base = median(times["plain"])
+    base = median(times[variants[0]])
     rows = [{"variant": v, "s": median(times[v]), "speedup": base / median(times[v]), "runs": len(times[v])}
-            for v in VARIANTS]
+            for v in variants]
     md = table(rows, [("variant", "variant", ""), ("s", "s per update (median)", ".2f"),
-                      ("speedup", "vs plain", ".2f"), ("runs", "runs", "d")])
+                      ("speedup", f"vs {variants[0]}", ".2f"), ("runs", "runs", "d")])
     md += (f"\n\nEstimator: {args.estimator}. Model: {args.model} ({params / 1e6:.2f}M parameters), {args.prompts} prompts x {args.group} samples, "
            f"7-token prompts, 6-token completions, 2 minibatches, micro-batch 64, {args.threads} torch threads.")
     print(md)
-    suffix = ("" if args.model == "large" else f"_{args.model}") + ("" if args.estimator == "grpo" else f"_{args.estimator}")
+    suffix = (("" if args.model == "large" else f"_{args.model}") + ("" if args.estimator == "grpo" else f"_{args.estimator}")
+              + ("_bf16" if args.bf16 else ""))
     out = write_results(f"learner_step{suffix}", {"args": vars(args), "params": params, "rows": rows,
                                                   "times": times}, md, args.results_dir)
     print(f"results: {out}")

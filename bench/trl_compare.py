@@ -26,7 +26,11 @@ the same resolved relayrl config:
   train on the same number of samples;
 - optimizer: fused AdamW (torch.optim.AdamW(fused=True); TRL optim="adamw_torch_fused"), learning rate, weight decay, grad-norm clip, constant schedule (TRL's default decay is
   turned off), warm-up; sampling: temperature 1, top-p 1, no top-k, max_new_tokens (TRL max_completion_length);
-- seed: the same number (data order and sampling streams differ between the frameworks all the same).
+- seed: the same number (data order and sampling streams differ between the frameworks all the same);
+- precision: float32 on both sides by default; with --extra=--learner.compute_dtype=bfloat16 relayrl's learner
+  autocasts to bf16 and TRL gets bf16=True (the same mixed precision: float32 weights, bf16 matmuls), and
+  --extra=--generator.dtype=bfloat16 runs relayrl's vLLM generators in bf16 (TRL's transformers generate runs
+  under its bf16 setting). The final held-out evaluation is float32 for every model either way.
 Known differences: relayrl divides by the population std of each group (+1e-6), TRL by the sample std (+1e-4);
 a group whose rewards all tie gets exactly 0 in relayrl, and under 1e-3 in TRL (the float mean's rounding over
 1e-4), and relayrl leaves those rows out of the forward/backward (the same update: learner.skip_zero_advantage);
@@ -208,7 +212,8 @@ def trl_spec(cfg, config_path: str, overrides: list[str], world, out_dir: Path, 
             "lr_schedule": lc.lr_schedule, "epochs": a.epochs, "clip_low": a.clip_low, "clip_high": a.clip_high,
             "beta": a.kl_coef, "temperature": cfg.generator.temperature,
             "max_new_tokens": cfg.generator.max_new_tokens, "torch_threads": lc.torch_threads,
-            "use_vllm": use_vllm, "config_path": config_path, "overrides": overrides, "relayrl_config": to_dict(cfg)}
+            "use_vllm": use_vllm, "bf16": lc.compute_dtype == "bfloat16", "config_path": config_path,
+            "overrides": overrides, "relayrl_config": to_dict(cfg)}
 
 
 def trl_worker(spec_path: str) -> int:
@@ -296,7 +301,7 @@ def trl_worker(spec_path: str) -> int:
     vllm_kwargs = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
                     "vllm_max_model_length": 64, "vllm_enable_sleep_mode": False} if spec["use_vllm"] else {"use_vllm": False})
     args = GRPOConfig(
-        output_dir=str(out_dir / "trainer"), use_cpu=True, bf16=False, fp16=False, seed=spec["seed"],
+        output_dir=str(out_dir / "trainer"), use_cpu=True, bf16=spec["bf16"], fp16=False, seed=spec["seed"],
         data_seed=spec["seed"], learning_rate=spec["lr"], lr_scheduler_type=sched, warmup_steps=spec["warmup_steps"],
         weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"], optim="adamw_torch_fused",
         per_device_train_batch_size=spec["per_device"], gradient_accumulation_steps=spec["grad_accum"],

@@ -141,12 +141,12 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     t_ray = time.monotonic()
     settings = EngineSettings(model_path=model_path, max_model_len=min(context, max(64, max_len)), kv_cache_gib=cfg.generator.kv_cache_gib,
                               gpu_memory_utilization=cfg.generator.gpu_memory_utilization,
-                              enforce_eager=cfg.generator.enforce_eager, seed=cfg.seed)
+                              enforce_eager=cfg.generator.enforce_eager, seed=cfg.seed, dtype=cfg.generator.dtype)
     to, ro = cfg.timeouts, cfg.rollout
     control = start_control()
     learner = ray.remote(Learner).options(name="learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                                           resources=parse_resources(cfg.learner.resources), max_restarts=0).remote(
-        model_path, cfg.algo, cfg.learner, cfg.steps, cfg.seed, PAD)
+        model_path, cfg.algo, cfg.learner, cfg.steps, cfg.seed, PAD, cfg.generator.dtype)
     rewards = RewardPool(cfg.reward, timeout_s=to.reward_s, log=log)
     pool = GeneratorPool(settings, cfg.generator.num_cpus, cfg.generator.num_gpus, to.startup_s, to.generate_s, to.sync_s,
                          log=log, max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync,

@@ -51,18 +51,25 @@ class Learner:
     """Plain class; the driver wraps it with `ray.remote` (named `learner`)."""
 
     def __init__(self, model_path: str, algo: AlgoConfig, cfg: LearnerConfig, total_steps: int, seed: int,
-                 pad_id: int = 0):
+                 pad_id: int = 0, sampler_dtype: str = "float32"):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(seed)
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.algo, self.cfg, self.pad_id, self.model_path = algo, cfg, pad_id, model_path
-        self.policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+        # learner.compute_dtype: bf16 autocast (auto: on GPU) or exact float32 (auto: on CPU, where only AMX makes
+        # bf16 matmuls faster); parameters, gradients and AdamW state are float32 either way
+        bf16 = cfg.compute_dtype == "bfloat16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        # torch's CPU flash-attention backward is ~15x slower in bf16 than in float32 (8.6 ms a call on the 27M
+        # model: a third of the update); eager attention in bf16 is not (bench/learner_step.py --dtype bfloat16)
+        load = dict(dtype=torch.float32, **({"attn_implementation": "eager"} if bf16 and self.device.type == "cpu" else {}))
+        self.policy = AutoModelForCausalLM.from_pretrained(model_path, **load).to(self.device)
         self.policy.config.use_cache = False
         self.ref = None
         if algo.kl_coef > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+            self.ref = AutoModelForCausalLM.from_pretrained(model_path, **load).to(self.device)
             self.ref.eval().requires_grad_(False)
         self.critic = ValueModel(self.policy).to(self.device) if algo.estimator == "ppo" else None
         # fused: one kernel over all tensors (3x faster than the per-tensor loop on CPU, same update)
@@ -74,13 +81,12 @@ class Learner:
         self.version = 0
         self._blob = None  # publish()'s serialisation buffer, reused
         self._published_step: int | None = 0  # self.step when the generators' weights were put; None = unknown
+        # generator.dtype: the generators' weights are published in it (vLLM would cast them on load anyway)
+        self.publish_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[sampler_dtype]
         # algo.old_logprobs=auto takes the sampler's log-probs while they are the learner's own numbers: float32
-        # on CPU (bf16 autocast on GPU rounds differently); a measured disagreement turns it off for good
-        self._sampler_exact = self.device.type == "cpu"
+        # on both sides on CPU (bf16 anywhere rounds differently); a measured disagreement turns it off for good
+        self._sampler_exact = self.device.type == "cpu" and not bf16 and self.publish_dtype == torch.float32
         self.kl_coef = algo.kl_coef  # moves each update when algo.kl_target > 0 (adaptive controller)
-        # autocast to bf16 on GPU; exact float32 on CPU (where bf16 matmuls are slower, not faster)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else torch.autocast("cpu", enabled=False))
 
     # ------------------------------------------------------------------ forward passes
     def _logits(self, model, b: Batch) -> torch.Tensor:
@@ -366,7 +372,10 @@ class Learner:
 
         self.version += 1
         self._published_step = self.step
-        blob, checksum = serialize_state_dict(self.policy.state_dict(), out=self._blob)
+        state = self.policy.state_dict()
+        if self.publish_dtype != torch.float32:
+            state = {k: v.to(self.publish_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        blob, checksum = serialize_state_dict(state, out=self._blob)
         ref = ray.put(blob)  # copies into the object store: the buffer is free to reuse next time
         self._blob = blob
         return WeightsHandle(version=self.version, blob_ref=[ref], num_bytes=blob.nbytes, checksum=checksum)

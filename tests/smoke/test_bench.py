@@ -40,21 +40,23 @@ def test_generation_bench_tiny_budget(tmp_path):
     assert all(run["samples"] == 64 for runs in res["raw"]["tiny/1"].values() for run in runs)
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "ppo"])
-def test_learner_step_bench_tiny_budget(tmp_path, estimator):
+@pytest.mark.parametrize("estimator,bf16", [("grpo", False), ("ppo", False), ("grpo", True)])
+def test_learner_step_bench_tiny_budget(tmp_path, estimator, bf16):
     """bench/learner_step.py: the four learner variants on the tiny shape, 4 prompts, one timed update each
-    (with --estimator ppo the critic trains in every update too)."""
+    (with --estimator ppo the critic trains in every update too; with --bf16 float32 against bf16 autocast)."""
     out = subprocess.run([sys.executable, "-m", "bench.learner_step", "--model", "tiny", "--prompts", "4",
-                          "--repeats", "1", "--threads", "1", "--estimator", estimator, "--results-dir", str(tmp_path)],
+                          "--repeats", "1", "--threads", "1", "--estimator", estimator, "--results-dir", str(tmp_path),
+                          *(["--bf16"] if bf16 else [])],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    name = "learner_step_tiny" + ("_ppo" if estimator == "ppo" else "")
+    name = "learner_step_tiny" + ("_ppo" if estimator == "ppo" else "") + ("_bf16" if bf16 else "")
     res = json.loads((tmp_path / f"{name}.json").read_text())
-    assert res["args"]["estimator"] == estimator
-    assert [r["variant"] for r in res["rows"]] == ["plain", "shared prefix", "+ reuse", "+ sampler"]
+    assert res["args"]["estimator"] == estimator and res["args"]["bf16"] == bf16
+    variants = ["+ reuse", "bf16, SDPA attention", "bf16"] if bf16 else ["plain", "shared prefix", "+ reuse", "+ sampler"]
+    assert [r["variant"] for r in res["rows"]] == variants
     assert all(r["s"] > 0 and r["runs"] == 1 for r in res["rows"])
     md = (tmp_path / f"{name}.md").read_text()
-    assert res["rows"][0]["speedup"] == 1.0 and "| + sampler |" in md and f"Estimator: {estimator}." in md
+    assert res["rows"][0]["speedup"] == 1.0 and f"| {variants[-1]} |" in md and f"Estimator: {estimator}." in md
 
 
 def test_algos_bench_tiny_budget(tmp_path):

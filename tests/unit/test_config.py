@@ -167,6 +167,8 @@ def test_set_dotted_and_apply_dict_directly():
     ("algo.estimator=a2c", "algo.estimator", "must be one of"),
     ("algo.estimator=PPO", "algo.estimator", "must be one of"),   # choices are case-sensitive
     ("algo.loss_agg=sum", "algo.loss_agg", "must be one of"),
+    ("generator.dtype=float16", "generator.dtype", "must be one of"),  # vLLM's CPU backend casts fp16 to bf16
+    ("learner.compute_dtype=bf16", "learner.compute_dtype", "must be one of"),
     ("generator.enforce_eager=maybe", "generator.enforce_eager", "must be true or false"),
     ("generator.gpu_memory_utilization=1.5", "generator.gpu_memory_utilization", "must be in [0, 1]"),
     ("task.alphabet_size=27", "task.alphabet_size", "must be in [2, 26]"),
