@@ -118,9 +118,13 @@ def test_sampler_logprobs_as_old_skip_the_recompute_and_change_nothing_when_they
     stats = {mode: lrn.train_step(groups) for mode, lrn in learners.items()}
 
     after = {mode: lrn.policy.state_dict() for mode, lrn in learners.items()}
-    moved = max(float((after["recompute"][k] - v).abs().max()) for k, v in before.items())
-    apart = max(float((after["sampler"][k] - after["recompute"][k]).abs().max()) for k in before)
-    assert moved > 1e-4 and apart < 1e-3 * moved, (moved, apart)
+    step = {mode: torch.cat([(after[mode][k] - v).flatten() for k, v in before.items()]) for mode in learners}
+    moved, apart = float(step["recompute"].norm()), float((step["sampler"] - step["recompute"]).norm())
+    # The two updates differ by rounding only (old log-probs ~1e-7 apart), compared over all weights at once:
+    # Adam's first step divides by |grad| + eps, so a parameter whose gradient is ~0 can turn rounding into an
+    # update ~1e-3 of its largest (measured 2.8e-6 against 2.0e-3 on an AVX-512 host), while the step as a
+    # whole agrees to 3e-6 of its norm there. Old log-probs 0.01 nats off give 2.6e-5, 0.25 nats off 1.3.
+    assert float(step["recompute"].abs().max()) > 1e-4 and apart < 1e-5 * moved, (moved, apart)
     for mode in learners:
         assert stats[mode].metrics["logprob_mismatch"] < 1e-6
         assert stats[mode].metrics["policy_loss"] == pytest.approx(stats["recompute"].metrics["policy_loss"],
