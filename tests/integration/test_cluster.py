@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +49,13 @@ def two_nodes(tmp_path_factory):
     start("head", ["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", "--num-cpus=2", '--resources={"learner_node": 1}'])
     _wait_http(f"http://127.0.0.1:{dash}", 120, logs / "head.log")
-    start("worker", [f"--address=127.0.0.1:{gcs}", "--num-cpus=3", '--resources={"generator_node": 4}'])
+    # Its own temp dir, as a node on another machine has: two nodes of one machine otherwise share one session
+    # directory, and a node setting up the job's working_dir for its first worker deletes and re-extracts it
+    # (Ray's WorkingDirPlugin.create unpacks with overwrite=True) under the processes the other node runs there
+    # (seen: the driver's cwd gone, FileNotFoundError; the learner dead). Short: Ray's socket paths live under it.
+    worker_tmp = tempfile.mkdtemp(prefix="rw")
+    start("worker", [f"--address=127.0.0.1:{gcs}", "--num-cpus=3", '--resources={"generator_node": 4}',
+                     f"--temp-dir={worker_tmp}"])
     try:
         yield {"jobs": f"http://127.0.0.1:{dash}", "env": env, "logs": logs}
     finally:
@@ -55,6 +63,7 @@ def two_nodes(tmp_path_factory):
             os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             p.wait(timeout=60)
+        shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
 def _wait_http(url: str, timeout_s: float, log: Path) -> None:
