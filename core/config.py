@@ -176,8 +176,8 @@ class GeneratorConfig:
     dtype: Literal["float32", "bfloat16"] = _f(
         "float32", "vLLM's weights and compute. float32: the learner's own numbers on CPU, so its log-probs serve as "
         "the PPO ratio's old log-probs (algo.old_logprobs=auto) and a run repeats exactly across paths. bfloat16: "
-        "what GPU users run, and ~2.8x faster generation on CPUs with AMX (Sapphire Rapids and later; slower, not "
-        "faster, on AVX2-only CPUs); weights are published in bfloat16 (half the bytes), and the learner recomputes "
+        "what GPU users run, and 2.3-2.9x faster generation on CPUs with AMX (Sapphire Rapids and later; not measured on "
+        "CPUs without native bf16, e.g. AVX2-only, where it is not expected to pay); weights are published in bfloat16 (half the bytes), and the learner recomputes "
         "old log-probs. Pair it with learner.compute_dtype=bfloat16.")
 
 
@@ -315,7 +315,8 @@ class LearnerConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "The learner's forward/backward: bfloat16 autocast (weights, gradients and optimizer state stay "
         "float32, as in TRL's bf16=True and veRL's mixed precision) or exact float32. auto: bfloat16 on GPU, "
-        "float32 on CPU. bfloat16 on CPU pays only on CPUs with AMX (1.3x per update on the 27M model here).")
+        "float32 on CPU. bfloat16 on CPU pays only on CPUs with AMX (1.6x per update on the 27M model there; the "
+        "learner then uses eager attention, as torch's CPU SDPA backward is slow in bf16).")
     sync_every: int = _f(1, "Publish weights to generators every N updates.", positive)
     shared_prefix: bool = _f(True, "Run each group's prompt through the policy and reference once and its "
                              "completions on top of the cached prompt keys/values (exact; saves (G-1)/G of the "
