@@ -176,9 +176,10 @@ class GeneratorConfig:
     dtype: Literal["float32", "bfloat16"] = _f(
         "float32", "vLLM's weights and compute. float32: the learner's own numbers on CPU, so its log-probs serve as "
         "the PPO ratio's old log-probs (algo.old_logprobs=auto) and a run repeats exactly across paths. bfloat16: "
-        "what GPU users run, and 2.3-2.9x faster generation on CPUs with AMX (Sapphire Rapids and later; not measured on "
-        "CPUs without native bf16, e.g. AVX2-only, where it is not expected to pay); weights are published in bfloat16 (half the bytes), and the learner recomputes "
-        "old log-probs. Pair it with learner.compute_dtype=bfloat16.")
+        "what GPU users run, and 2.3-2.9x faster generation on CPUs with AMX (Sapphire Rapids and later; not "
+        "measured on CPUs without native bf16, e.g. AVX2-only, where it is not expected to pay); weights are "
+        "published in bfloat16 (half the bytes), and the learner recomputes old log-probs. Pair it with "
+        "learner.compute_dtype=bfloat16.")
 
 
 @dataclass
