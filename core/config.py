@@ -316,7 +316,7 @@ class LearnerConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "The learner's forward/backward: bfloat16 autocast (weights, gradients and optimizer state stay "
         "float32, as in TRL's bf16=True and veRL's mixed precision) or exact float32. auto: bfloat16 on GPU, "
-        "float32 on CPU. bfloat16 on CPU pays only on CPUs with AMX (1.6x per update on the 27M model there; the "
+        "float32 on CPU. bfloat16 on CPU pays only on CPUs with AMX (1.8x per update on the 27M model there; the "
         "learner then uses eager attention, as torch's CPU SDPA backward is slow in bf16).")
     sync_every: int = _f(1, "Publish weights to generators every N updates.", positive)
     shared_prefix: bool = _f(True, "Run each group's prompt through the policy and reference once and its "

@@ -61,7 +61,7 @@ class Learner:
         # learner.compute_dtype: bf16 autocast (auto: on GPU) or exact float32 (auto: on CPU, where only AMX makes
         # bf16 matmuls faster); parameters, gradients and AdamW state are float32 either way
         bf16 = cfg.compute_dtype == "bfloat16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self._bf16 = bf16
         # torch's CPU flash-attention backward is ~15x slower in bf16 than in float32 (8.6 ms a call on the 27M
         # model: a third of the update); eager attention in bf16 is not (bench/learner_step.py --dtype bfloat16)
         load = dict(dtype=torch.float32, **({"attn_implementation": "eager"} if bf16 and self.device.type == "cpu" else {}))
@@ -89,8 +89,14 @@ class Learner:
         self.kl_coef = algo.kl_coef  # moves each update when algo.kl_target > 0 (adaptive controller)
 
     # ------------------------------------------------------------------ forward passes
+    def autocast(self):
+        """A fresh autocast context (learner.compute_dtype). Autocast keeps the bf16 copies of the weights until
+        its outermost region exits, so a region around every micro-batch of one optimizer step (the weights only
+        change at opt.step, after it) casts them once instead of once per micro-batch."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16)
+
     def _logits(self, model, b: Batch) -> torch.Tensor:
-        with self.autocast:
+        with self.autocast():
             return batch_logits(model, b, self.device, self.cfg.shared_prefix)
 
     def _logp(self, model, b: Batch) -> torch.Tensor:
@@ -123,18 +129,19 @@ class Learner:
         """Old log-probs (when RECOMPUTE), reference log-probs and values over the whole batch, micro-batched.
         OLD_ROWS, when given: compute old log-probs for these rows only (zeros elsewhere)."""
         pre: dict[str, torch.Tensor] = {}
-        if self.ref is not None:
-            pre["ref"] = self._rowwise(lambda mb: self._logp(self.ref, mb), b)
-        if self.critic is not None:
-            pre["values"] = self._rowwise(self._values, b)
-        if recompute:
-            sub = b if old_rows is None else b.rows(old_rows)
-            old = self._rowwise(lambda mb: self._logp(self.policy, mb), sub)
-            if old_rows is None:
-                pre["old"] = old
-            else:
-                pre["old"] = torch.zeros(b.mask.shape, device=self.device)
-                pre["old"][old_rows.to(self.device)] = old
+        with self.autocast():  # one region: each model's weights are cast once for all micro-batches
+            if self.ref is not None:
+                pre["ref"] = self._rowwise(lambda mb: self._logp(self.ref, mb), b)
+            if self.critic is not None:
+                pre["values"] = self._rowwise(self._values, b)
+            if recompute:
+                sub = b if old_rows is None else b.rows(old_rows)
+                old = self._rowwise(lambda mb: self._logp(self.policy, mb), sub)
+                if old_rows is None:
+                    pre["old"] = old
+                else:
+                    pre["old"] = torch.zeros(b.mask.shape, device=self.device)
+                    pre["old"][old_rows.to(self.device)] = old
         return pre
 
     # ------------------------------------------------------------------ advantages
@@ -302,48 +309,49 @@ class Learner:
         if trained is not None:
             rows = rows[trained[rows].cpu()]
         acc: dict[str, torch.Tensor] = {}
-        for pos, mb in self._micro(b.rows(rows)):
-            idx = rows[pos]
-            w1 = mb.mask.shape[1]  # the micro-batch's own width (its longest row), minus 1
+        with self.autocast():  # one region for the step's micro-batches (see autocast)
+            for pos, mb in self._micro(b.rows(rows)):
+                idx = rows[pos]
+                w1 = mb.mask.shape[1]  # the micro-batch's own width (its longest row), minus 1
 
-            def cut(t: torch.Tensor) -> torch.Tensor:
-                return t[idx, :w1]
+                def cut(t: torch.Tensor) -> torch.Tensor:
+                    return t[idx, :w1]
 
-            m = cut(mask)
-            # weight each micro-batch by its share of the minibatch (tokens for token-mean, rows otherwise),
-            # so accumulated gradients equal one big batch's
-            share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / n_rows)
-            logits = self._logits(self.policy, mb)
-            logp = algos.token_logprobs(logits, mb.input_ids[:, 1:].to(self.device))
-            if fill_old:
-                pre["old"][idx, :w1] = logp.detach()
-            is_w = None
-            if a.is_correction != "none":
-                is_w, _ = algos.importance_weights(cut(pre["old"]), cut(sampler_logp), m, a.is_correction, a.is_cap)
-            if mismatch is not None:
-                mismatch[0] += ((logp.detach() - cut(pre["old"])).abs() * m).sum()
-                mismatch[1] += m.sum()
-            pg, pm = algos.policy_loss(
-                logp, cut(pre["old"]), cut(adv), m, clip_low=a.clip_low, clip_high=a.clip_high,
-                dual_clip=a.dual_clip or None, agg=a.loss_agg, norm_const=norm_const,
-                is_weights_BT=is_w)
-            loss = pg
-            ent = algos.aggregate(algos.entropy_from_logits(logits), m, a.loss_agg, norm_const)
-            if a.entropy_coef:
-                loss = loss - a.entropy_coef * ent
-            if self.ref is not None and a.kl_mode == "loss":
-                kl_now = algos.kl_estimate(logp, cut(pre["ref"]), a.kl_kind)
-                loss = loss + self.kl_coef * algos.aggregate(kl_now, m, a.loss_agg, norm_const)
-            (loss * share).backward()
-            parts = {"policy_loss": pg.detach(), "entropy": ent.detach(), **pm}
-            if self.critic is not None:
-                v = self._values(mb)
-                vl = algos.value_loss(v, cut(pre["values"]), cut(ret), m, a.value_clip or None)
-                (vl * share).backward()
-                parts["value_loss"] = vl.detach()
-                parts["explained_variance"] = algos.explained_variance(cut(pre["values"]), cut(ret), m)
-            for k, val in parts.items():
-                acc[k] = acc.get(k, 0.0) + val * share
+                m = cut(mask)
+                # weight each micro-batch by its share of the minibatch (tokens for token-mean, rows otherwise),
+                # so accumulated gradients equal one big batch's
+                share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / n_rows)
+                logits = self._logits(self.policy, mb)
+                logp = algos.token_logprobs(logits, mb.input_ids[:, 1:].to(self.device))
+                if fill_old:
+                    pre["old"][idx, :w1] = logp.detach()
+                is_w = None
+                if a.is_correction != "none":
+                    is_w, _ = algos.importance_weights(cut(pre["old"]), cut(sampler_logp), m, a.is_correction, a.is_cap)
+                if mismatch is not None:
+                    mismatch[0] += ((logp.detach() - cut(pre["old"])).abs() * m).sum()
+                    mismatch[1] += m.sum()
+                pg, pm = algos.policy_loss(
+                    logp, cut(pre["old"]), cut(adv), m, clip_low=a.clip_low, clip_high=a.clip_high,
+                    dual_clip=a.dual_clip or None, agg=a.loss_agg, norm_const=norm_const,
+                    is_weights_BT=is_w)
+                loss = pg
+                ent = algos.aggregate(algos.entropy_from_logits(logits), m, a.loss_agg, norm_const)
+                if a.entropy_coef:
+                    loss = loss - a.entropy_coef * ent
+                if self.ref is not None and a.kl_mode == "loss":
+                    kl_now = algos.kl_estimate(logp, cut(pre["ref"]), a.kl_kind)
+                    loss = loss + self.kl_coef * algos.aggregate(kl_now, m, a.loss_agg, norm_const)
+                (loss * share).backward()
+                parts = {"policy_loss": pg.detach(), "entropy": ent.detach(), **pm}
+                if self.critic is not None:
+                    v = self._values(mb)
+                    vl = algos.value_loss(v, cut(pre["values"]), cut(ret), m, a.value_clip or None)
+                    (vl * share).backward()
+                    parts["value_loss"] = vl.detach()
+                    parts["explained_variance"] = algos.explained_variance(cut(pre["values"]), cut(ret), m)
+                for k, val in parts.items():
+                    acc[k] = acc.get(k, 0.0) + val * share
         # shares sum to 1 over all rows; rows left out added exactly 0 to the loss but are not in the diagnostics
         covered = (mask[rows].sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(rows) / n_rows)
         acc = {k: v if k == "policy_loss" else v / covered.clamp(min=1e-12) for k, v in acc.items()}

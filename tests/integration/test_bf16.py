@@ -56,7 +56,7 @@ def test_bf16_learner_autocasts_float32_weights_with_eager_attention(world):
     for dtype, sampler in (("float32", "float32"), (BF16, BF16), ("float32", BF16)):
         learner = Learner(world.model_path, AlgoConfig(), LearnerConfig(compute_dtype=dtype), 10, 0, PAD, sampler)
         assert all(p.dtype == torch.float32 for p in learner.policy.parameters())
-        with learner.autocast:
+        with learner.autocast():
             logits = learner.policy(input_ids=ids).logits
         got[dtype, sampler] = (logits.dtype, learner.policy.config._attn_implementation, learner._sampler_exact)
     assert got == {("float32", "float32"): (torch.float32, "sdpa", True),
