@@ -38,6 +38,9 @@ class PoolStats:
     failures: list[str] = field(default_factory=list)
     scale_events: list[str] = field(default_factory=list)
     syncs_verified: int = 0
+    # async: a newer version was queued before this one was confirmed; it still lands (versions queue in order),
+    # but its confirmation is no longer awaited or checked
+    syncs_superseded: int = 0
     sync_seconds: list[float] = field(default_factory=list)  # each confirmed sync: queued -> every generator on it
 
 
@@ -265,6 +268,8 @@ class GeneratorPool:
         samples, or at once with inflight_updates).
         A still-pending older sync is superseded (the newer version is queued behind it)."""
         self.handle = handle
+        if self.pending_sync is not None:
+            self.stats.syncs_superseded += 1
         refs = {name: a.update_weights.remote(handle, self.verify_sync, self.inflight_updates)
                 for name, a in self.actors.items()}
         now = time.monotonic()

@@ -252,6 +252,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             "nodes": {n["NodeID"]: {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}
                       for n in ray.nodes() if n["Alive"]},
             "syncs_verified": pool.stats.syncs_verified,
+            "syncs_superseded": pool.stats.syncs_superseded,
             "reward_worker_restarts": rewards.restarts,
             "final_model": final_dir,
             "config": to_dict(cfg),

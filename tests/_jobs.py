@@ -32,7 +32,9 @@ def check_accounting(s: dict) -> None:
     assert a["duplicates"] == 0 and a["prompts_unaccounted"] == 0
     assert a["prompts_drawn"] == a["prompts_trained"] + sum(a["prompts_dropped"].values())
     assert a["prompts_trained"] == s["steps"] * 8  # every step trained on a full batch
-    assert s["syncs_verified"] >= s["steps"] - 1  # the last sync may still be in flight at the stop
+    # every sync was confirmed and verified, or (async) superseded by the next version before it was confirmed;
+    # the last one may still be in flight at the stop
+    assert s["syncs_verified"] + s["syncs_superseded"] >= s["steps"] - 1 and s["syncs_verified"] >= s["steps"] // 2
 
 
 class Job:
