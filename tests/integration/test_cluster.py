@@ -46,8 +46,12 @@ def two_nodes(tmp_path_factory):
             procs.append(subprocess.Popen([str(BIN / "ray"), "start", *args, "--block"], env=env, stdout=f,
                                           stderr=subprocess.STDOUT, start_new_session=True))
 
+    # Each node's dashboard agent on a free port: its default, 52365, is taken whenever another Ray instance runs on
+    # this machine (the session's own, started by an earlier test), and a head whose agent cannot bind never
+    # accepts a job ("No available agent to submit job")
     start("head", ["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
-                   "--dashboard-host=127.0.0.1", "--num-cpus=2", '--resources={"learner_node": 1}'])
+                   "--dashboard-host=127.0.0.1", "--num-cpus=2", '--resources={"learner_node": 1}',
+                   f"--dashboard-agent-listen-port={_free_port()}"])
     _wait_http(f"http://127.0.0.1:{dash}", 120, logs / "head.log")
     # Its own temp dir, as a node on another machine has: two nodes of one machine otherwise share one session
     # directory, and a node setting up the job's working_dir for its first worker deletes and re-extracts it
@@ -55,7 +59,7 @@ def two_nodes(tmp_path_factory):
     # (seen: the driver's cwd gone, FileNotFoundError; the learner dead). Short: Ray's socket paths live under it.
     worker_tmp = tempfile.mkdtemp(prefix="rw")
     start("worker", [f"--address=127.0.0.1:{gcs}", "--num-cpus=3", '--resources={"generator_node": 4}',
-                     f"--temp-dir={worker_tmp}"])
+                     f"--temp-dir={worker_tmp}", f"--dashboard-agent-listen-port={_free_port()}"])
     try:
         yield {"jobs": f"http://127.0.0.1:{dash}", "env": env, "logs": logs}
     finally:
