@@ -63,8 +63,10 @@ class Learner:
         bf16 = cfg.compute_dtype == "bfloat16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda")
         self._bf16 = bf16
         # torch's CPU flash-attention backward is ~15x slower in bf16 than in float32 (8.6 ms a call on the 27M
-        # model: a third of the update); eager attention in bf16 is not (bench/learner_step.py --dtype bfloat16)
-        load = dict(dtype=torch.float32, **({"attn_implementation": "eager"} if bf16 and self.device.type == "cpu" else {}))
+        # model: a third of the update); eager attention in bf16 is not (python -m bench.learner_step --bf16)
+        load = dict(dtype=torch.float32)
+        if bf16 and self.device.type == "cpu":
+            load["attn_implementation"] = "eager"
         self.policy = AutoModelForCausalLM.from_pretrained(model_path, **load).to(self.device)
         self.policy.config.use_cache = False
         self.ref = None
