@@ -63,7 +63,8 @@ class Learner:
         bf16 = cfg.compute_dtype == "bfloat16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda")
         self._bf16 = bf16
         # torch's CPU flash-attention backward is slow in bf16 (8.6 ms a call on the 27M model, a third of the
-        # update; in float32 it is not among the profile's top 30 ops); eager attention in bf16 is not (python -m bench.learner_step --bf16)
+        # update; in float32 it is not among the profile's top 30 ops); eager attention in bf16 is not
+        # (python -m bench.learner_step --bf16)
         load = dict(dtype=torch.float32)
         if bf16 and self.device.type == "cpu":
             load["attn_implementation"] = "eager"
