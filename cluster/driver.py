@@ -193,36 +193,42 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             acc, step = acc_before, 0
         loop.publish_status(step, acc, {})
         t_loop, samples_at_start = time.monotonic(), loop.samples_trained
-        while step < cfg.steps and not loop.stop_requested:
-            step += 1
-            row = loop.step(step)
-            last = step == cfg.steps or loop.stop_requested
-            if step % cfg.eval_every == 0 or last:
-                pool.finish_sync()  # evaluate the newest weights
-                row.update(evaluate_now())
-                acc = row["eval/heldout_accuracy"]
-            row["data/position"] = stream.position
-            row.update(component_means(rollout.scored))
-            rollout.scored.clear()
-            metrics.write(step, row)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_checkpoint(run_dir, step, learner, stream, rollout, loop, acc_before, acc, to.train_s)
-            loop.publish_status(step, acc, row)
-            live.record({"samples_per_second": row["perf/samples_per_s"], "tokens_per_second": row["perf/gen_tokens_per_s"],
-                         "reward_mean": row["train/reward_mean"], "kl_to_reference": row["train/kl_ref"],
-                         "approx_kl": row["train/approx_kl"], "policy_version": row["policy_version"],
-                         "staleness_max": row["staleness/max"], "buffer_groups": row["buffer_groups"],
-                         "sync_seconds": row["time/sync_s"], "generators": row["generators"], "heldout_accuracy": acc},
-                        {**{f"reward_{k}": v for k, v in acct.reward_failures.items()},
-                         **{f"dropped_{k}": v for k, v in Counter(acct.dropped.values()).items()},
-                         "generator_restart": pool.stats.restarts, "reward_worker_restart": rewards.restarts})
-            loop.poll_control()
-            log(f"step {step:>4}/{cfg.steps}  reward {row['train/reward_mean']:+.3f}  held-out {acc:.3f}  "
-                f"kl {row['train/approx_kl']:.4f}  clip {row['train/clipfrac']:.3f}  wait {row['time/wait_s']:.1f}s "
-                f"train {row['time/train_s']:.1f}s sync {row['time/sync_s']:.2f}s  gens {len(pool.actors)}")
-        loop_s = time.monotonic() - t_loop
-        rollout.drop_all("unused_at_end")
-        final_dir = ray.get(learner.save.remote(str((run_dir / "final_model").resolve())), timeout=to.train_s)
+        try:
+            while step < cfg.steps and not loop.stop_requested:
+                step += 1
+                row = loop.step(step)
+                last = step == cfg.steps or loop.stop_requested
+                if step % cfg.eval_every == 0 or last:
+                    pool.finish_sync()  # evaluate the newest weights
+                    row.update(evaluate_now())
+                    acc = row["eval/heldout_accuracy"]
+                row["data/position"] = stream.position
+                row.update(component_means(rollout.scored))
+                rollout.scored.clear()
+                metrics.write(step, row)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    save_checkpoint(run_dir, step, learner, stream, rollout, loop, acc_before, acc, to.train_s)
+                loop.publish_status(step, acc, row)
+                live.record({"samples_per_second": row["perf/samples_per_s"], "tokens_per_second": row["perf/gen_tokens_per_s"],
+                             "reward_mean": row["train/reward_mean"], "kl_to_reference": row["train/kl_ref"],
+                             "approx_kl": row["train/approx_kl"], "policy_version": row["policy_version"],
+                             "staleness_max": row["staleness/max"], "buffer_groups": row["buffer_groups"],
+                             "sync_seconds": row["time/sync_s"], "generators": row["generators"], "heldout_accuracy": acc},
+                            {**{f"reward_{k}": v for k, v in acct.reward_failures.items()},
+                             **{f"dropped_{k}": v for k, v in Counter(acct.dropped.values()).items()},
+                             "generator_restart": pool.stats.restarts, "reward_worker_restart": rewards.restarts})
+                loop.poll_control()
+                log(f"step {step:>4}/{cfg.steps}  reward {row['train/reward_mean']:+.3f}  held-out {acc:.3f}  "
+                    f"kl {row['train/approx_kl']:.4f}  clip {row['train/clipfrac']:.3f}  wait {row['time/wait_s']:.1f}s "
+                    f"train {row['time/train_s']:.1f}s sync {row['time/sync_s']:.2f}s  gens {len(pool.actors)}")
+            loop_s = time.monotonic() - t_loop
+            rollout.drop_all("unused_at_end")
+            final_dir = ray.get(learner.save.remote(str((run_dir / "final_model").resolve())), timeout=to.train_s)
+        except ray.exceptions.RayActorError as e:  # the learner died outside train_step: publish, checkpoint, save
+            if not _is_actor(e, learner):
+                raise
+            raise LearnerFailed(learner_died(f"at step {step}, outside its update (publishing, checkpointing or "
+                                             "saving)", run_dir, type(e).__name__)) from None
         samples = loop.samples_trained
         summary = {
             "heldout_accuracy_before": acc_before,
@@ -273,6 +279,25 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
 
 class LearnerFailed(RuntimeError):
     pass
+
+
+def learner_died(when: str, run_dir: Path, error: str) -> str:
+    """LearnerFailed's message: what died, and how to go on from the latest checkpoint."""
+    return (f"the learner died {when} ({error}). Continue the job with `relayrl train --resume {run_dir}` "
+            f"(latest checkpoint: {latest_checkpoint(run_dir) or 'none yet'})")
+
+
+def _is_actor(e, handle) -> bool:
+    """Whether a RayActorError is about HANDLE's actor (when Ray does not say which actor, probe it)."""
+    if getattr(e, "actor_id", None):
+        return e.actor_id == handle._actor_id.hex()
+    import ray
+
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=10)
+        return False
+    except Exception:
+        return True
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints", "final_model")
@@ -439,10 +464,7 @@ class _Loop:
         try:
             stats = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            last = latest_checkpoint(self.run_dir)
-            raise LearnerFailed(
-                f"the learner died during step {step} ({type(e).__name__}). Continue the job with "
-                f"`relayrl train --resume {self.run_dir}` (latest checkpoint: {last or 'none yet'})") from None
+            raise LearnerFailed(learner_died(f"during step {step}", self.run_dir, type(e).__name__)) from None
         self.in_training = 0
         for g in groups:
             self.rollout.acct.train(g.prompt.uid)

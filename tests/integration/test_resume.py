@@ -46,3 +46,27 @@ def test_kill_learner_then_resume_continues_from_checkpoint(tmp_path, default_cf
     assert [r["step"] for r in rows] == list(range(0, 8))  # each step logged once (the lost attempt's rows removed)
     assert rows[saved["step"]]["data/position"] == saved["stream"]["epoch"] * 4000 + saved["stream"]["pos"]
     assert s["heldout_accuracy_before"] == saved["acc_before"]
+
+
+def test_learner_killed_outside_its_update_fails_the_job_with_the_resume_hint(tmp_path, default_cfg, world,
+                                                                              ray_session, monkeypatch):
+    """The learner dies while the driver checkpoints (it could as well be publishing or saving): the job ends with
+    LearnerFailed and the resume command, as when it dies during an update, not with Ray's bare ActorDiedError
+    (seen once the machine was fast enough for a kill to land outside train_step)."""
+    import cluster.driver as driver
+
+    cfg = small_job(tmp_path, default_cfg)
+    cfg.steps, cfg.checkpoint_every = 6, 2
+    cfg.generator.num_generators = 1
+    real = driver.save_checkpoint
+
+    def kill_then_save(run_dir, step, learner, *args, **kwargs):
+        if step == 4:
+            ray.kill(learner)
+        return real(run_dir, step, learner, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "save_checkpoint", kill_then_save)
+    summary, error = Job(cfg).join()
+    assert summary is None and isinstance(error, LearnerFailed), error
+    assert "at step 4" in str(error) and f"relayrl train --resume {tmp_path / 'job'}" in str(error)
+    assert latest_checkpoint(tmp_path / "job").name == "step-000002"
