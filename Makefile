@@ -8,7 +8,7 @@ EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
 .PHONY: install tools demo test test-unit bench lint clean
-.PHONY: bench-env bench-trl
+.PHONY: bench-env bench-trl bench-parity
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,11 @@ test: install tools
 test-unit: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
-## Every benchmark: learner update, weight sync, generation, async vs sync, algorithms, then TRL (tiny model)
+## Every benchmark: learner update, weight sync, generation, async vs sync, algorithms, then TRL (tiny model):
+## the same update on one batch (parity), then end to end
 bench: install bench-env
 	$(BIN)/python -m bench.run_all
+	$(BENCH_BIN)/python -m bench.trl_parity
 	$(BENCH_BIN)/python -m bench.trl_compare
 
 clean:
@@ -64,3 +66,7 @@ bench-env: $(BENCH_STAMP)
 ## relayrl against TRL's GRPOTrainer on the default job (pass options with ARGS="--model large --repeats 3").
 bench-trl: bench-env
 	$(BENCH_BIN)/python -m bench.trl_compare $(ARGS)
+
+## One RL step on the same samples: relayrl's gradients and update against TRL's own loss code (ARGS="--model large").
+bench-parity: bench-env
+	$(BENCH_BIN)/python -m bench.trl_parity $(ARGS)

@@ -31,7 +31,8 @@ the same resolved relayrl config:
   autocasts to bf16 and TRL gets bf16=True (the same mixed precision: float32 weights, bf16 matmuls), and
   --extra=--generator.dtype=bfloat16 runs relayrl's vLLM generators in bf16 (TRL's transformers generate runs
   under its bf16 setting). The final held-out evaluation is float32 for every model either way.
-Known differences: relayrl divides by the population std of each group (+1e-6), TRL by the sample std (+1e-4);
+Known differences (bench/trl_parity.py measures the update on one step's samples: the same gradient up to the first
+one): relayrl divides by the population std of each group (+1e-6), TRL by the sample std (+1e-4);
 a group whose rewards all tie gets exactly 0 in relayrl, and under 1e-3 in TRL (the float mean's rounding over
 1e-4), and relayrl leaves those rows out of the forward/backward (the same update: learner.skip_zero_advantage);
 relayrl's PPO ratio takes vLLM's log-probs as the old ones (its CPU default, algo.old_logprobs=auto: they equal
@@ -216,6 +217,30 @@ def trl_spec(cfg, config_path: str, overrides: list[str], world, out_dir: Path, 
             "overrides": overrides, "relayrl_config": to_dict(cfg)}
 
 
+def grpo_config(spec: dict, **overrides):
+    """TRL's GRPOConfig for a trl_spec: relayrl's job in TRL's terms (the module docstring says how each maps)."""
+    from trl import GRPOConfig
+
+    sched = {"constant": "constant_with_warmup" if spec["warmup_steps"] else "constant", "linear": "linear",
+             "cosine": "cosine"}[spec["lr_schedule"]]
+    vllm_kwargs = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
+                    "vllm_max_model_length": 64, "vllm_enable_sleep_mode": False} if spec["use_vllm"] else {"use_vllm": False})
+    kw = dict(
+        output_dir=str(Path(spec["out_dir"]) / "trainer"), use_cpu=True, bf16=spec["bf16"], fp16=False,
+        seed=spec["seed"],
+        data_seed=spec["seed"], learning_rate=spec["lr"], lr_scheduler_type=sched, warmup_steps=spec["warmup_steps"],
+        weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"], optim="adamw_torch_fused",
+        per_device_train_batch_size=spec["per_device"], gradient_accumulation_steps=spec["grad_accum"],
+        generation_batch_size=spec["prompts_per_step"] * spec["group_size"], num_generations=spec["group_size"],
+        max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=0,
+        beta=spec["beta"], num_iterations=spec["epochs"], epsilon=spec["clip_low"], epsilon_high=spec["clip_high"],
+        loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
+        max_steps=spec["steps"] * spec["minibatches"], logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, **vllm_kwargs)
+    kw.update(overrides)
+    return GRPOConfig(**kw)
+
+
 def trl_worker(spec_path: str) -> int:
     """One TRL GRPOTrainer run in its own process (as relayrl train runs in its own); writes result.json."""
     t_proc = time.monotonic()
@@ -232,7 +257,7 @@ def trl_worker(spec_path: str) -> int:
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from cluster.world import encode, read_rows
     from core.config import load_config
@@ -296,21 +321,7 @@ def trl_worker(spec_path: str) -> int:
                 self._eval(model, step)
             self.t_last = time.perf_counter()
 
-    sched = {"constant": "constant_with_warmup" if spec["warmup_steps"] else "constant", "linear": "linear",
-             "cosine": "cosine"}[spec["lr_schedule"]]
-    vllm_kwargs = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
-                    "vllm_max_model_length": 64, "vllm_enable_sleep_mode": False} if spec["use_vllm"] else {"use_vllm": False})
-    args = GRPOConfig(
-        output_dir=str(out_dir / "trainer"), use_cpu=True, bf16=spec["bf16"], fp16=False, seed=spec["seed"],
-        data_seed=spec["seed"], learning_rate=spec["lr"], lr_scheduler_type=sched, warmup_steps=spec["warmup_steps"],
-        weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"], optim="adamw_torch_fused",
-        per_device_train_batch_size=spec["per_device"], gradient_accumulation_steps=spec["grad_accum"],
-        generation_batch_size=spec["prompts_per_step"] * spec["group_size"], num_generations=spec["group_size"],
-        max_completion_length=max_new, temperature=spec["temperature"], top_p=1.0, top_k=0,
-        beta=spec["beta"], num_iterations=spec["epochs"], epsilon=spec["clip_low"], epsilon_high=spec["clip_high"],
-        loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
-        max_steps=steps * mb, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False, **vllm_kwargs)
+    args = grpo_config(spec)
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     clock = Clock()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
