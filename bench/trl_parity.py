@@ -156,7 +156,8 @@ def trl_trainer(cfg, world, out_dir: str, groups):
 
 
 def trl_steps(trainer, spec, groups, minibatch_rows, max_grad_norm: float):
-    """TRL's update on GROUPS, one optimizer step per entry of MINIBATCH_ROWS: [{grad, weights, norm_ratio_pred}]."""
+    """TRL's update on GROUPS, one optimizer step per entry of MINIBATCH_ROWS, each from the weights TRL's own previous
+    step left: ([{grad (before clipping), weights (after the step)}], TRL's scored batch)."""
     import torch
 
     model = trainer.model
@@ -248,12 +249,13 @@ def compare(name: str, ref: list[dict], other: list[dict], start, names, sizes, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "large"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "large"], default="tiny",
+                   help="tiny: the default 0.67M model; large: trl_compare's 27M model (lr 3e-5).")
     p.add_argument("--seed", type=int, default=0, help="The run's seed: warm start (world) and sampling.")
     p.add_argument("--config", default="examples/demo.yaml")
     p.add_argument("--extra", nargs="*", action="extend", default=[], help="More relayrl overrides, one per --extra=.")
-    p.add_argument("--out", default="runs/bench-parity")
-    p.add_argument("--results-dir", default=None)
+    p.add_argument("--out", default="runs/bench-parity", help="TRL's output folder (nothing is saved there).")
+    p.add_argument("--results-dir", default=None, help="Where trl_parity*.{json,md} go (default bench/results).")
     args = p.parse_args(argv)
 
     import torch
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     if cfg.algo.estimator != "grpo" or cfg.algo.kl_coef or cfg.algo.entropy_coef:
         raise SystemExit("trl_parity compares GRPO without KL or entropy terms, as trl_compare runs it")
+    if cfg.learner.warmup_steps:  # TRL's optimizer is stepped here at its configured rate, without its scheduler
+        raise SystemExit("trl_parity compares the first step at the full learning rate: learner.warmup_steps=0")
     world = ensure_world(cfg)
     groups = sample_groups(cfg, world, args.seed)
     ordered = sorted(groups, key=lambda g: g.prompt.uid)  # the learner's row order (Learner.train_step)
