@@ -19,6 +19,9 @@ Variants run interleaved, one warm-up update each; the median seconds per update
 `--bf16` compares instead "+ reuse" (float32) with learner.compute_dtype=bfloat16 (bf16 autocast, float32 weights,
 old log-probs recomputed as algo.old_logprobs=auto does for bf16), run with torch's SDPA attention and with the
 eager attention the learner picks for bf16 on CPU. It pays only on CPUs with AMX (the result file's machine.cpu_isa).
+`--compile` compares instead the CPU default ("+ sampler"; with --bf16, "bf16") with the same learner whose policy
+is torch.compile'd (`policy.compile(dynamic=True)`, not a relayrl option); the first update, which compiles, is
+reported apart.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def _learner(path: str, variant: str, threads: int, estimator: str):
     from core.config import AlgoConfig, LearnerConfig
     from learner.actor import Learner
 
+    compiled = variant.endswith(", compiled")
+    variant = variant.removesuffix(", compiled")
     algo = AlgoConfig(estimator=estimator, old_logprobs="sampler" if variant == "+ sampler" else "recompute")
     # (random rewards never tie, so skip_zero_advantage has nothing to skip here; plain runs every row regardless)
     dtype = "bfloat16" if variant.startswith("bf16") else "float32"
@@ -78,6 +83,8 @@ def _learner(path: str, variant: str, threads: int, estimator: str):
             learner.critic_opt = torch.optim.AdamW(learner.critic.parameters(), lr=algo.critic_lr, fused=False)
         full_pass = learner._no_grad_pass
         learner._no_grad_pass = lambda b, old_rows=None, **kw: full_pass(b, None, **kw)
+    if compiled:  # in place: parameter names (and so published weights) unchanged; shapes vary with the batch
+        learner.policy.compile(dynamic=True)
     return learner
 
 
@@ -99,13 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bf16", action="store_true", help="float32 against learner.compute_dtype=bfloat16 (pays on "
                    "CPUs with AMX; GPUs autocast to bf16 by default).")
+    p.add_argument("--compile", action="store_true", help="The default CPU path against the same with its policy "
+                   "torch.compile'd (with --bf16: the bf16 learner); the compiling first update is reported apart.")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
 
-    variants = BF16_VARIANTS if args.bf16 else VARIANTS
+    if args.compile:
+        base = "bf16" if args.bf16 else "+ sampler"
+        variants = (base, f"{base}, compiled")
+    else:
+        variants = BF16_VARIANTS if args.bf16 else VARIANTS
     path, params = _model(args.model)
     learners = {v: _learner(path, v, args.threads, args.estimator) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
+    first: dict[str, float] = {}
     for rep in range(args.repeats + 1):
         for v, learner in learners.items():
             groups = _groups(args.prompts, args.group, seed=rep)
@@ -113,16 +127,19 @@ def main(argv: list[str] | None = None) -> int:
             learner.train_step(groups)
             if rep:  # the first round is warm-up
                 times[v].append(time.perf_counter() - t0)
+            else:
+                first[v] = time.perf_counter() - t0
     base = median(times[variants[0]])
-    rows = [{"variant": v, "s": median(times[v]), "speedup": base / median(times[v]), "runs": len(times[v])}
-            for v in variants]
+    rows = [{"variant": v, "s": median(times[v]), "speedup": base / median(times[v]), "runs": len(times[v]),
+             "first_s": first[v]} for v in variants]
     md = table(rows, [("variant", "variant", ""), ("s", "s per update (median)", ".2f"),
-                      ("speedup", f"vs {variants[0]}", ".2f"), ("runs", "runs", "d")])
+                      ("speedup", f"vs {variants[0]}", ".2f"), ("first_s", "first update s (warm-up)", ".1f"),
+                      ("runs", "runs", "d")])
     md += (f"\n\nEstimator: {args.estimator}. Model: {args.model} ({params / 1e6:.2f}M parameters), {args.prompts} prompts x {args.group} samples, "
            f"7-token prompts, 6-token completions, 2 minibatches, micro-batch 64, {args.threads} torch threads.")
     print(md)
     suffix = (("" if args.model == "large" else f"_{args.model}") + ("" if args.estimator == "grpo" else f"_{args.estimator}")
-              + ("_bf16" if args.bf16 else ""))
+              + ("_bf16" if args.bf16 else "") + ("_compile" if args.compile else ""))
     out = write_results(f"learner_step{suffix}", {"args": vars(args), "params": params, "rows": rows,
                                                   "times": times}, md, args.results_dir)
     print(f"results: {out}")
