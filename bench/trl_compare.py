@@ -104,6 +104,18 @@ def scorer_fn(cfg):
     return score
 
 
+def trl_reward(cfg, bos: str):
+    """The job's reward as a TRL reward function: TRL's signature (dataset columns come as keyword lists), prompts
+    given to TRL with relayrl's BOS in front (see trl_worker), scored without it."""
+    score = scorer_fn(cfg)
+
+    def reward(prompts, completions, answer, **_):
+        return score([p.removeprefix(bos) for p in prompts], list(completions), list(answer))
+
+    reward.__name__ = cfg.reward.function.rpartition(":")[2]  # TRL logs rewards/<name>
+    return reward
+
+
 def make_judge(cfg):
     """Correct = the job's reward >= eval_correct_threshold, as cluster/evaluation.py judges held-out completions
     (for the built-in task, reward.builtin:reverse_partial reaches 1.0 exactly on an exact match)."""
@@ -274,14 +286,7 @@ def trl_worker(spec_path: str) -> int:
             raise RuntimeError(f"prompt ids differ from relayrl's: {got} vs {encode(tokenizer, r['prompt'])}")
 
     cfg = load_config(spec["config_path"], spec["overrides"])
-    judge, score = make_judge(cfg), scorer_fn(cfg)
-    bos = tokenizer.bos_token
-
-    def reward(prompts, completions, answer, **_):
-        """The job's reward in TRL's signature (dataset columns come as keyword lists); prompts without our BOS."""
-        return score([p.removeprefix(bos) for p in prompts], list(completions), list(answer))
-
-    reward.__name__ = cfg.reward.function.rpartition(":")[2]  # TRL logs rewards/<name>
+    judge, reward = make_judge(cfg), trl_reward(cfg, tokenizer.bos_token)
 
     mb, every, steps = spec["minibatches"], spec["eval_every"], spec["steps"]
     max_new = spec["max_new_tokens"]

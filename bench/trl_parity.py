@@ -122,7 +122,7 @@ def trl_trainer(cfg, world, out_dir: str, groups):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from bench.trl_compare import grpo_config, scorer_fn, trl_spec
+    from bench.trl_compare import grpo_config, trl_reward, trl_spec
 
     tok = AutoTokenizer.from_pretrained(world.model_path)
     by_prompt = {tok.bos_token + g.prompt.text: g for g in groups}
@@ -139,18 +139,13 @@ def trl_trainer(cfg, world, out_dir: str, groups):
             out["logprobs"].append(list(g.completions[i].logprobs))
         return out
 
-    score = scorer_fn(cfg)
-
-    def reward(prompts, completions, answer, **_):
-        return score([p.removeprefix(tok.bos_token) for p in prompts], list(completions), list(answer))
-
-    reward.__name__ = cfg.reward.function.rpartition(":")[2]
     spec = trl_spec(cfg, "", [], world, Path(out_dir), use_vllm=False)
 
     ds = Dataset.from_list([{"prompt": tok.bos_token + g.prompt.text, "answer": g.prompt.answer} for g in groups])
     model = AutoModelForCausalLM.from_pretrained(world.model_path, dtype=torch.float32)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=grpo_config(spec, logging_steps=10**9),
+    trainer = GRPOTrainer(model=model, reward_funcs=trl_reward(cfg, tok.bos_token),
+                          args=grpo_config(spec, logging_steps=10**9),
                           train_dataset=ds, processing_class=tok, rollout_func=rollout)
     return trainer, spec
 
