@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from bench import algos, async_sync, generation, learner_step, long_tail, weight_sync
+from bench import algos, async_sync, data_parallel, generation, learner_step, long_tail, weight_sync
 
 
 def main() -> int:
-    for bench, argv in ((learner_step, []), (learner_step, ["--estimator", "ppo"]), (weight_sync, []),
+    for bench, argv in ((learner_step, []), (learner_step, ["--estimator", "ppo"]), (data_parallel, []),
+                        (weight_sync, []),
                         (generation, []), (async_sync, []), (long_tail, []), (algos, [])):
         rc = bench.main(argv)
         if rc:

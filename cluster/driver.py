@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from cluster.control import NAMESPACE, client_auth_env
+from cluster.learners import LearnerGroup, RankDied
 from core.config import Config, ConfigError, parse_resources, to_dict
 from core.messages import Prompt
 
@@ -82,7 +83,7 @@ def _init_ray(cfg: Config, log) -> None:
         client_auth_env()
         ray.init(address=cfg.ray_address, namespace=NAMESPACE, log_to_driver=False)
         return
-    need = (cfg.generator.num_generators * cfg.generator.num_cpus + cfg.learner.num_cpus
+    need = (cfg.generator.num_generators * cfg.generator.num_cpus + cfg.learner.data_parallel * cfg.learner.num_cpus
             + cfg.reward.num_workers * cfg.reward.num_cpus)
     # logical CPUs: room for two more generators than configured, so a replacement or a scale-up can
     # be placed while the actor it succeeds is still releasing its slot
@@ -107,7 +108,6 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     from cluster.data import load_prompts
     from cluster.evaluation import evaluate
     from cluster.world import PAD, encode, ensure_world
-    from learner.actor import Learner
     from reward.pool import RewardPool
     from reward.policy import component_means
     from reward.worker import check_source
@@ -144,9 +144,8 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                               enforce_eager=cfg.generator.enforce_eager, seed=cfg.seed, dtype=cfg.generator.dtype)
     to, ro = cfg.timeouts, cfg.rollout
     control = start_control()
-    learner = ray.remote(Learner).options(name="learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
-                                          resources=parse_resources(cfg.learner.resources), max_restarts=0).remote(
-        model_path, cfg.algo, cfg.learner, cfg.steps, cfg.seed, PAD, cfg.generator.dtype)
+    learners = LearnerGroup(cfg, model_path, PAD)  # learner.data_parallel ranks; rank 0 publishes and saves
+    learner = learners.lead
     rewards = RewardPool(cfg.reward, timeout_s=to.reward_s, log=log)
     pool = GeneratorPool(settings, cfg.generator.num_cpus, cfg.generator.num_gpus, to.startup_s, to.generate_s, to.sync_s,
                          log=log, max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync,
@@ -163,15 +162,16 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                       prompts_per_request=ro.prompts_per_request, max_inflight_per_generator=ro.max_inflight_per_generator,
                       call_timeout_s=to.generate_s, acct=acct, reward_cfg=cfg.reward,
                       chunk_tokens=ro.partial_rollout_tokens, log=log)
-    loop = _Loop(cfg, pool, rollout, stream, learner, control, log, run_dir)
+    loop = _Loop(cfg, pool, rollout, stream, learners, control, log, run_dir)
     ks = tuple(sorted({1, cfg.eval_pass_k})) if cfg.eval_samples else ()
 
     def evaluate_now() -> dict[str, float]:
         return evaluate(pool, rewards, heldout, cfg.generator.max_new_tokens, cfg.eval_correct_threshold,
                         cfg.eval_samples, ks)
     try:
+        learners.join(to.startup_s)
         if saved:
-            ray.get(learner.load_checkpoint.remote(str(ckpt)), timeout=to.startup_s)
+            ray.get(learners.call("load_checkpoint", str(ckpt)), timeout=to.startup_s)
             stream.load_state(saved["stream"])
             rollout.todo.extend(Prompt(p["uid"], p["text"], tuple(p["token_ids"]), p["answer"]) for p in saved["outstanding"])
             loop.samples_trained = saved["samples_trained"]
@@ -179,8 +179,9 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             log(f"resuming from {ckpt} (step {saved['step']}, data position {stream.position})")
         pool.start(cfg.generator.num_generators)
         rewards.wait_ready()  # a scorer that cannot be built (bad model path, ...) fails at start-up
-        learner_info = ray.get(learner.info.remote(), timeout=to.startup_s)
-        log(f"{len(pool.actors)} generators, learner on {learner_info['device']} "
+        learner_info = learners.info(to.startup_s)
+        ranks = f" x {learner_info['data_parallel']} ranks" if learner_info["data_parallel"] > 1 else ""
+        log(f"{len(pool.actors)} generators, learner on {learner_info['device']}{ranks} "
             f"({learner_info['params'] / 1e6:.2f}M params), {ro.mode} mode; start-up {time.monotonic() - t_ray:.0f}s")
 
         if saved:
@@ -225,7 +226,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             rollout.drop_all("unused_at_end")
             final_dir = ray.get(learner.save.remote(str((run_dir / "final_model").resolve())), timeout=to.train_s)
         except ray.exceptions.RayActorError as e:  # the learner died outside train_step: publish, checkpoint, save
-            if not _is_actor(e, learner):
+            if not learners.owns(e):
                 raise
             raise LearnerFailed(learner_died(f"at step {step}, outside its update (publishing, checkpointing or "
                                              "saving)", run_dir, type(e).__name__)) from None
@@ -254,7 +255,9 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             "generator_failures": pool.stats.failures,
             "requeued_prompts": pool.stats.requeued_prompts,
             "scale_events": pool.stats.scale_events,
-            "placement": {"learner": learner_info["node_id"], **pool.placement},
+            "placement": {"learner": learner_info["node_id"],
+                          **{f"learner-{r}": n for r, n in enumerate(learner_info["rank_nodes"]) if r},
+                          **pool.placement},
             "nodes": {n["NodeID"]: {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}
                       for n in ray.nodes() if n["Alive"]},
             "syncs_verified": pool.stats.syncs_verified,
@@ -267,7 +270,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
         metrics.close()
         pool.shutdown()
         rewards.shutdown()
-        ray.kill(learner)
+        learners.kill()
         ray.kill(control)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_run(run_dir)
@@ -376,9 +379,9 @@ class _Loop:
            rollout keeps generating ahead (bounded) -> publish -> sync in the background
     """
 
-    def __init__(self, cfg: Config, pool, rollout, stream: PromptStream, learner, control, log, run_dir: Path):
-        self.cfg, self.pool, self.rollout, self.stream, self.learner, self.control, self.log = (
-            cfg, pool, rollout, stream, learner, control, log)
+    def __init__(self, cfg: Config, pool, rollout, stream: PromptStream, learners, control, log, run_dir: Path):
+        self.cfg, self.pool, self.rollout, self.stream, self.learners, self.control, self.log = (
+            cfg, pool, rollout, stream, learners, control, log)
         self.run_dir = run_dir
         self.is_async = cfg.rollout.mode == "async"
         self.timings: Counter = Counter()
@@ -452,18 +455,19 @@ class _Loop:
         t0 = time.monotonic()
         groups = self._groups()
         t1 = time.monotonic()
-        ref = self.learner.train_step.remote(groups)
+        # every rank gets the same groups (one copy in the object store) and trains on its share of them
+        refs = self.learners.call("train_step", groups if len(self.learners.actors) == 1 else ray.put(groups))
         self.in_training = len(groups)
-        deadline = t1 + to.train_s
-        while not ray.wait([ref], timeout=0.0 if self.is_async else 0.5)[0]:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"learner update {step} did not finish within timeouts.train_s={to.train_s}s")
-            if self.is_async:  # generation continues while the learner trains
-                self._top_up()
-                self._tick()
+
+        def generate_meanwhile():  # async: generation continues while the learner trains
+            self._top_up()
+            self._tick()
+        if not self.learners.wait(refs, t1 + to.train_s, 0.0 if self.is_async else 0.5,
+                                  generate_meanwhile if self.is_async else None):
+            raise TimeoutError(f"learner update {step} did not finish within timeouts.train_s={to.train_s}s")
         try:
-            stats = ray.get(ref)
-        except ray.exceptions.RayActorError as e:
+            stats = self.learners.gather(refs, to.train_s)
+        except (ray.exceptions.RayActorError, RankDied) as e:
             raise LearnerFailed(learner_died(f"during step {step}", self.run_dir, type(e).__name__)) from None
         self.in_training = 0
         for g in groups:
@@ -473,7 +477,7 @@ class _Loop:
         self.samples_multi_version += multi
         t2 = time.monotonic()
         if step % self.cfg.learner.sync_every == 0:
-            handle = ray.get(self.learner.publish.remote(), timeout=to.sync_s)
+            handle = ray.get(self.learners.lead.publish.remote(), timeout=to.sync_s)
             if self.is_async:
                 self.pool.start_sync(handle)  # lands between engine steps; confirmed in _tick
             else:

@@ -303,14 +303,19 @@ class LearnerConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", non_negative)
     warmup_steps: int = _f(0, "Linear learning-rate warm-up steps.", non_negative)
     lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate decay after warm-up.")
-    micro_batch_size: int = _f(64, "Sequences per forward/backward (gradient accumulation bounds memory).", positive)
+    micro_batch_size: int = _f(64, "Sequences per forward/backward on each rank (gradient accumulation bounds "
+                               "memory).", positive)
     micro_batch_tokens: int = _f(0, "Dynamic micro-batches (veRL's use_dynamic_bsz): > 0 packs samples sorted by "
                                  "length so each forward/backward holds at most this many padded tokens (rows x "
                                  "longest row), instead of micro_batch_size rows; short samples share big micro-"
                                  "batches and a long tail stops padding every one. 0 = micro_batch_size rows. Either "
                                  "way each micro-batch is cut to its own longest sample. Same gradient.", non_negative)
-    num_cpus: float = _f(1.0, "Ray CPUs reserved for the learner.", positive)
-    num_gpus: float = _f(0.0, "Ray GPUs reserved for the learner.", non_negative)
+    data_parallel: int = _f(1, "Learner ranks (data parallel, as DDP): each rank is an actor holding the whole "
+                            "model and optimizer and runs its share of every minibatch; gradients are summed over "
+                            "ranks (torch.distributed: gloo on CPU, NCCL on GPU) before each optimizer step, so the "
+                            "update is the one-rank update. num_cpus, num_gpus and resources are per rank.", positive)
+    num_cpus: float = _f(1.0, "Ray CPUs reserved per learner rank.", positive)
+    num_gpus: float = _f(0.0, "Ray GPUs reserved per learner rank.", non_negative)
     resources: str = _f("", _RESOURCES_HELP, _resources_check)
     torch_threads: int = _f(2, "torch intra-op threads in the learner.", positive)
     compute_dtype: Literal["auto", "float32", "bfloat16"] = _f(
@@ -525,6 +530,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"task.{name}: must be a .parquet or .jsonl file, got {path!r}")
         if path and not os.path.exists(path):
             raise ConfigError(f"task.{name}: no such file {path!r}")
+    if cfg.learner.data_parallel > 1 and 0 < cfg.learner.num_gpus < 1:
+        raise ConfigError(f"learner.num_gpus: data-parallel ranks on GPU need a whole GPU each (NCCL cannot run two "
+                          f"ranks on one), got {cfg.learner.num_gpus} with learner.data_parallel="
+                          f"{cfg.learner.data_parallel}")
     if cfg.algo.kl_target > 0 and cfg.algo.kl_coef == 0:
         raise ConfigError("algo.kl_target: adaptive KL needs a starting algo.kl_coef > 0 (0 disables the reference model)")
     return cfg

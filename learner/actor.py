@@ -11,6 +11,13 @@ One update, in order:
   3. advantages by the configured estimator;
   4. `epochs` x `minibatches` optimizer steps, each accumulated over micro-batches;
   5. scalar health metrics, read once at the end.
+
+Data parallel (learner.data_parallel = W > 1): W of these actors, rank 0 the named `learner`, each holding the
+whole model and optimizer. Every rank gets the same groups and computes the same batch, advantages and
+minibatch rows; each runs the forward/backward of its share of each minibatch's rows (and of the no-grad
+pass, whose tensors are then summed over ranks), the gradients are summed over ranks (torch.distributed: gloo
+on CPU, NCCL on GPU), and every rank takes the same optimizer step on the same gradient. The loss weights are
+shares of the whole minibatch, so the sum is the one-rank gradient. Rank 0 alone publishes and saves.
 """
 
 from __future__ import annotations
@@ -51,13 +58,15 @@ class Learner:
     """Plain class; the driver wraps it with `ray.remote` (named `learner`)."""
 
     def __init__(self, model_path: str, algo: AlgoConfig, cfg: LearnerConfig, total_steps: int, seed: int,
-                 pad_id: int = 0, sampler_dtype: str = "float32"):
+                 pad_id: int = 0, sampler_dtype: str = "float32", rank: int = 0):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(seed)
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.algo, self.cfg, self.pad_id, self.model_path = algo, cfg, pad_id, model_path
+        self.rank, self.world = rank, cfg.data_parallel  # the ranks meet in join(); one rank needs nothing more
+        self._comm_s = 0.0  # seconds in collectives during the current update (data parallel)
         # learner.compute_dtype: bf16 autocast (auto: on GPU) or exact float32 (auto: on CPU, where only AMX makes
         # bf16 matmuls faster); parameters, gradients and AdamW state are float32 either way
         bf16 = cfg.compute_dtype == "bfloat16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda")
@@ -91,6 +100,82 @@ class Learner:
         self._sampler_exact = self.device.type == "cpu" and not bf16 and self.publish_dtype == torch.float32
         self.kl_coef = algo.kl_coef  # moves each update when algo.kl_target > 0 (adaptive controller)
 
+    # ------------------------------------------------------------------ data parallel (learner.data_parallel > 1)
+    def rendezvous_address(self) -> str:
+        """A tcp:// address on this rank's node for torch.distributed to meet at (asked of rank 0)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def join(self, address: str, timeout_s: float) -> int:
+        """Join the other ranks at ADDRESS; every rank then holds rank 0's weights. A collective that waits
+        longer than TIMEOUT_S for a rank (dead or stuck) raises instead of hanging."""
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=address,
+                                rank=self.rank, world_size=self.world, timeout=datetime.timedelta(seconds=timeout_s))
+        with torch.no_grad():  # the same folder gives the same weights; make it so whatever was loaded
+            for p in self._params():
+                dist.broadcast(p.data, 0)
+        return self.rank
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for m in (self.policy, self.critic) if m is not None for p in m.parameters() if p.requires_grad]
+
+    def _shard(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's share of ROWS: contiguous, so most groups' rows stay together for the shared prefix."""
+        return rows if self.world == 1 else rows.tensor_split(self.world)[self.rank]
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """T summed over ranks, in place (every rank gets the same bytes)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t0 = time.monotonic()
+            dist.all_reduce(t)
+            self._comm_s += time.monotonic() - t0
+        return t
+
+    def _sum_grads(self) -> None:
+        """Gradients summed over ranks, in one flat all-reduce. A rank that ran no row contributes zeros."""
+        params = self._params()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = self._sum(torch._utils._flatten_dense_tensors(grads))
+        for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(s)
+
+    def _sum_metrics(self, acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Share-weighted metric sums added over ranks (a rank that ran no row has none)."""
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, {k: float(v) for k, v in acc.items()})
+        out: dict[str, float] = {}
+        for part in parts:
+            for k, v in part.items():
+                out[k] = out.get(k, 0.0) + v
+        return {k: torch.tensor(v, device=self.device) for k, v in out.items()}
+
+    def _same_on_every_rank(self, flag: bool) -> bool:
+        """Rank 0's FLAG on every rank (for decisions that read state only rank 0 keeps, like publishing)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
     # ------------------------------------------------------------------ forward passes
     def autocast(self):
         """A fresh autocast context (learner.compute_dtype). Autocast keeps the bf16 copies of the weights until
@@ -118,13 +203,15 @@ class Learner:
             idx = torch.tensor(pos, dtype=torch.long)
             yield idx, b.rows(idx, trim=True)
 
-    def _rowwise(self, fn, b: Batch) -> torch.Tensor:
+    def _rowwise(self, fn, b: Batch, shard: bool = False) -> torch.Tensor:
         """FN (micro-batch -> (n, w-1)) over B's rows by micro-batch, assembled into (B, W-1) (zeros beyond each
-        micro-batch's width, where every row is padding)."""
+        micro-batch's width, where every row is padding). SHARD: each rank runs its share of the rows and the
+        result is summed over ranks (every rank must call it then)."""
         out = torch.zeros(b.mask.shape, device=self.device)
-        for idx, mb in self._micro(b):
-            out[idx.to(self.device), : mb.mask.shape[1]] = fn(mb)
-        return out
+        rows = self._shard(torch.arange(b.mask.shape[0])) if shard and self.world > 1 else None
+        for idx, mb in self._micro(b if rows is None else b.rows(rows)):
+            out[(idx if rows is None else rows[idx]).to(self.device), : mb.mask.shape[1]] = fn(mb)
+        return self._sum(out) if rows is not None else out
 
     @torch.no_grad()
     def _no_grad_pass(self, b: Batch, old_rows: torch.Tensor | None = None,
@@ -134,12 +221,12 @@ class Learner:
         pre: dict[str, torch.Tensor] = {}
         with self.autocast():  # one region: each model's weights are cast once for all micro-batches
             if self.ref is not None:
-                pre["ref"] = self._rowwise(lambda mb: self._logp(self.ref, mb), b)
+                pre["ref"] = self._rowwise(lambda mb: self._logp(self.ref, mb), b, shard=True)
             if self.critic is not None:
-                pre["values"] = self._rowwise(self._values, b)
+                pre["values"] = self._rowwise(self._values, b, shard=True)
             if recompute:
                 sub = b if old_rows is None else b.rows(old_rows)
-                old = self._rowwise(lambda mb: self._logp(self.policy, mb), sub)
+                old = self._rowwise(lambda mb: self._logp(self.policy, mb), sub, shard=True)
                 if old_rows is None:
                     pre["old"] = old
                 else:
@@ -179,6 +266,7 @@ class Learner:
     # ------------------------------------------------------------------ one update
     def train_step(self, groups: list[Group]) -> TrainStats:
         t0 = time.monotonic()
+        self._comm_s = 0.0
         a = self.algo
         # the update depends on which groups came, not on the order generators finished them in (reproducible runs)
         groups = sorted(groups, key=lambda g: g.prompt.uid)
@@ -199,7 +287,7 @@ class Learner:
         # The first optimizer step runs the unchanged policy, so its rows' old log-probs are its own forward
         # pass, detached: the no-grad pass skips them unless the advantages need old log-probs first (KL to a
         # reference). With one minibatch and one epoch the no-grad policy pass disappears.
-        from_sampler = self._old_from_sampler(b)
+        from_sampler = self._same_on_every_rank(self._old_from_sampler(b))  # rank 0 alone knows what it published
         # Without a reference or a critic the advantages are a function of the rewards alone: compute them first,
         # so the rows that carry no gradient are known before any forward pass (and skip the no-grad one too).
         early = self.ref is None and self.critic is None
@@ -237,7 +325,12 @@ class Learner:
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
+                if first and lazy_rows is not None and self.world > 1:  # each rank filled the rows it ran
+                    idx = lazy_rows.to(self.device)
+                    pre["old"][idx] = self._sum(pre["old"][idx].contiguous())
                 n_updates += 1
+        if mismatch is not None and self.world > 1:
+            mismatch = list(self._sum(torch.stack(mismatch)))
         if a.is_correction != "none":  # the weights each micro-batch used, summarised over the batch
             _, is_metrics = algos.importance_weights(pre["old"], sampler_logp, m_trained, a.is_correction, a.is_cap)
         else:
@@ -267,6 +360,8 @@ class Learner:
             "response_len": float(valid.sum(1).float().mean()),
             "lr": self.sched.get_last_lr()[0],
             "train_seconds": time.monotonic() - t0,
+            # data parallel: this rank's seconds in all-reduces (gradients, no-grad pass), waiting for slower ranks included
+            "allreduce_seconds": self._comm_s,
             "samples": float(B),
             # share of groups whose rewards all tie (TRL's frac_reward_zero_std): no signal for a group baseline
             "tied_group_frac": float(algos.tied_groups(b.rewards_PG).float().mean()),
@@ -311,10 +406,11 @@ class Learner:
         n_rows = len(rows)
         if trained is not None:
             rows = rows[trained[rows].cpu()]
+        mine = self._shard(rows)  # data parallel: this rank's rows; the shares below stay the whole minibatch's
         acc: dict[str, torch.Tensor] = {}
         with self.autocast():  # one region for the step's micro-batches (see autocast)
-            for pos, mb in self._micro(b.rows(rows)):
-                idx = rows[pos]
+            for pos, mb in self._micro(b.rows(mine)):
+                idx = mine[pos]
                 w1 = mb.mask.shape[1]  # the micro-batch's own width (its longest row), minus 1
 
                 def cut(t: torch.Tensor) -> torch.Tensor:
@@ -355,6 +451,9 @@ class Learner:
                     parts["explained_variance"] = algos.explained_variance(cut(pre["values"]), cut(ret), m)
                 for k, val in parts.items():
                     acc[k] = acc.get(k, 0.0) + val * share
+        if self.world > 1:  # every rank now holds the whole minibatch's gradient and metric sums
+            self._sum_grads()
+            acc = self._sum_metrics(acc)
         # shares sum to 1 over all rows; rows left out added exactly 0 to the loss but are not in the diagnostics
         covered = (mask[rows].sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(rows) / n_rows)
         acc = {k: v if k == "policy_loss" else v / covered.clamp(min=1e-12) for k, v in acc.items()}
@@ -462,6 +561,6 @@ class Learner:
     def info(self) -> dict:
         import ray
 
-        return {"step": self.step, "version": self.version, "device": str(self.device),
+        return {"step": self.step, "version": self.version, "device": str(self.device), "rank": self.rank,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "params": sum(p.numel() for p in self.policy.parameters()), "algo": asdict(self.algo)}

@@ -70,3 +70,29 @@ def test_learner_killed_outside_its_update_fails_the_job_with_the_resume_hint(tm
     assert summary is None and isinstance(error, LearnerFailed), error
     assert "at step 4" in str(error) and f"relayrl train --resume {tmp_path / 'job'}" in str(error)
     assert latest_checkpoint(tmp_path / "job").name == "step-000002"
+
+
+def test_killed_data_parallel_rank_fails_the_job_then_both_ranks_resume(tmp_path, default_cfg, world, ray_session):
+    """learner.data_parallel=2 through the real driver. Killing rank 1 (`learner-1`, not the named `learner`) ends
+    the job with LearnerFailed and the resume command: its peer, waiting in the gradient all-reduce, is not waited
+    for. The resumed job loads the checkpoint into both ranks and finishes."""
+    cfg = small_job(tmp_path, default_cfg)
+    cfg.steps, cfg.checkpoint_every = 5, 2
+    cfg.generator.num_generators = 1
+    cfg.learner.data_parallel, cfg.learner.num_cpus, cfg.learner.torch_threads = 2, 0.5, 1
+    job = Job(cfg)
+    job.wait_status(lambda s: s["step"] >= 3, "step 3 (a checkpoint exists at step 2)")
+    ray.kill(ray.get_actor("learner-1"))
+    summary, error = job.join()
+    assert summary is None and isinstance(error, LearnerFailed), error
+    run_dir = tmp_path / "job"
+    assert f"relayrl train --resume {run_dir}" in str(error)
+    saved = json.loads((latest_checkpoint(run_dir) / "driver.json").read_text())["step"]
+
+    s, err = Job(resume_config(str(run_dir), []), resume=True).join()
+    assert err is None, err
+    assert s["resumed_from_step"] == saved and s["steps"] == 5 and not s["stopped_early"]
+    assert s["accounting"]["prompts_trained"] == 5 * P and s["accounting"]["prompts_unaccounted"] == 0
+    assert {"learner", "learner-1"} <= set(s["placement"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/allreduce_seconds"] > 0 for r in rows if r["step"] > 0)  # the ranks summed every update

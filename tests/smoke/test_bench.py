@@ -59,6 +59,21 @@ def test_learner_step_bench_tiny_budget(tmp_path, estimator, bf16):
     assert res["rows"][0]["speedup"] == 1.0 and f"| {variants[-1]} |" in md and f"Estimator: {estimator}." in md
 
 
+def test_data_parallel_bench_tiny_budget(tmp_path):
+    """bench/data_parallel.py: one learner rank with 2 threads against two with 1 (real actors, gloo), tiny shape,
+    4 prompts, one timed update each."""
+    out = subprocess.run([sys.executable, "-m", "bench.data_parallel", "--model", "tiny", "--prompts", "4",
+                          "--repeats", "1", "--cores", "2", "--results-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "data_parallel_tiny.json").read_text())
+    assert [(r["variant"], r["ranks"]) for r in res["rows"]] == [("1 rank x 2 threads", 1), ("2 ranks x 1 thread", 2)]
+    assert all(r["s"] > 0 and r["runs"] == 1 for r in res["rows"]) and res["rows"][0]["speedup"] == 1.0
+    # one rank has nothing to sum; two sum every gradient
+    assert res["rows"][0]["allreduce_s"] == 0.0 and res["rows"][1]["allreduce_s"] > 0
+    assert "| 2 ranks x 1 thread |" in (tmp_path / "data_parallel_tiny.md").read_text()
+
+
 def test_algos_bench_tiny_budget(tmp_path):
     """bench/algos.py: two variants through the real `relayrl train` CLI, 2 steps each, one table and one JSON."""
     extra = ["--steps=2", "--prompts_per_step=8", "--eval_every=2", "--generator.num_generators=1",
