@@ -209,6 +209,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                 metrics.write(step, row)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     save_checkpoint(run_dir, step, learner, stream, rollout, loop, acc_before, acc, to.train_s)
+                    learners.check_in_step(to.train_s)  # data parallel: every rank still holds rank 0's state
                 loop.publish_status(step, acc, row)
                 live.record({"samples_per_second": row["perf/samples_per_s"], "tokens_per_second": row["perf/gen_tokens_per_s"],
                              "reward_mean": row["train/reward_mean"], "kl_to_reference": row["train/kl_ref"],

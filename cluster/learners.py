@@ -115,6 +115,18 @@ class LearnerGroup:
 
         return any(_is_actor(e, a) for a in self.actors)
 
+    def check_in_step(self, timeout_s: float) -> None:
+        """Raise when the ranks no longer hold the same weights and optimizer state (they must: they step on one
+        summed gradient). Cheap next to a checkpoint, which is when the driver asks."""
+        import ray
+
+        if len(self.actors) == 1:
+            return
+        prints = ray.get(self.call("fingerprint"), timeout=timeout_s)
+        if len(set(prints)) > 1:
+            raise RuntimeError(f"learner ranks diverged: weight/optimizer fingerprints {[p[:12] for p in prints]} "
+                               f"(rank 0 first); the checkpoint just written holds rank 0's state")
+
     def info(self, timeout_s: float) -> dict:
         """Rank 0's info, with every rank's node (placement)."""
         import ray

@@ -126,6 +126,19 @@ class Learner:
                 dist.broadcast(p.data, 0)
         return self.rank
 
+    def fingerprint(self) -> str:
+        """sha256 over the weights (policy, critic) and the optimizers' state: equal on every data-parallel rank,
+        byte for byte, as long as the ranks step together."""
+        import hashlib
+
+        h = hashlib.sha256()
+        opts = [self.opt] + ([self.critic_opt] if self.critic_opt is not None else [])
+        tensors = [p.detach() for p in self._params()]
+        tensors += [v for o in opts for st in o.state.values() for k, v in sorted(st.items()) if k != "step"]
+        for t in tensors:
+            h.update(t.float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def _params(self) -> list[torch.Tensor]:
         return [p for m in (self.policy, self.critic) if m is not None for p in m.parameters() if p.requires_grad]
 

@@ -1,8 +1,8 @@
 """learner.data_parallel: W learner ranks (real Ray actors, torch.distributed over gloo) give the one-rank update.
 
 Each rank runs its share of every minibatch (and of the no-grad pass) and the gradients are summed over ranks, so
-after two updates every rank must hold the same bytes (weights, optimizer state, critic) and those must be the
-one-rank learner's up to float rounding, with the same metrics. The cases cover each path that crosses ranks:
+after two updates every rank must hold the same bytes (weights, optimizer state, critic: `Learner.fingerprint`)
+and rank 0's checkpoint must be the one-rank learner's up to float rounding, with the same metrics. The cases cover each path that crosses ranks:
 the default GRPO (tied rows skipped, so ranks hold uneven shares; old log-probs from the sampler, a decision
 that reads what only rank 0 knows: rank 0 publishes between updates, as the driver has it, the others never do,
 and the second batch comes from the published version), the no-grad pass summed over ranks (reference and
@@ -57,6 +57,7 @@ def test_data_parallel_ranks_train_to_the_one_rank_update(name, world, tokenizer
         world.model_path, algo, LearnerConfig(data_parallel=W, **kw), 10, 0, PAD, rank=r) for r in range(W)]
     address = ray.get(ranks[0].rendezvous_address.remote(), timeout=120)
     assert ray.get([a.join.remote(address, 120) for a in ranks], timeout=120) == list(range(W))
+    start = ray.get(ranks[0].fingerprint.remote(), timeout=60)
     one.save_checkpoint(str(tmp_path / "start"))
     before = _state(str(tmp_path / "start"))
 
@@ -72,20 +73,21 @@ def test_data_parallel_ranks_train_to_the_one_rank_update(name, world, tokenizer
         ray.get(ranks[0].publish.remote(), timeout=60)
         for key in ("policy_loss", "grad_norm", "entropy", "kl_ref", "value_loss", "clipfrac", "samples_trained",
                     "old_from_sampler", "logprob_mismatch"):
-            if key in expect.metrics:
-                assert got[0].metrics[key] == pytest.approx(expect.metrics[key], rel=1e-3, abs=1e-6), (seed, key)
+            if key in expect.metrics:  # (the mismatch is ~0 here: rounding of rows run in other micro-batches)
+                tol = 1e-5 if key == "logprob_mismatch" else 1e-6
+                assert got[0].metrics[key] == pytest.approx(expect.metrics[key], rel=1e-3, abs=tol), (seed, key)
         assert [s.metrics["grad_norm"] for s in got] == [got[0].metrics["grad_norm"]] * W
         # the cases' paths ran: vLLM's log-probs as the old ones on both updates (auto), or not; tied rows left out
         assert got[0].metrics["old_from_sampler"] == float(algo.old_logprobs == "auto"), seed
     assert expect.metrics["samples_trained"] <= (36 if algo.estimator == "grpo" and not algo.entropy_coef else 40)
 
+    # the same gradient on every rank, so the same step: identical bytes (weights and optimizer state)
+    prints = ray.get([a.fingerprint.remote() for a in ranks], timeout=120)
+    assert prints == [prints[0]] * W and prints[0] != start
     one.save_checkpoint(str(tmp_path / "one"))
-    ray.get([a.save_checkpoint.remote(str(tmp_path / f"rank{r}")) for r, a in enumerate(ranks)], timeout=120)
+    ray.get(ranks[0].save_checkpoint.remote(str(tmp_path / "rank0")), timeout=120)  # rank 0 saves, as in a job
     ref, lead = _state(str(tmp_path / "one")), _state(str(tmp_path / "rank0"))
     assert lead.keys() == ref.keys() and any(k.startswith("opt.") for k in lead)
-    for r in range(1, W):  # the same gradient on every rank, so the same step: identical bytes
-        other = _state(str(tmp_path / f"rank{r}"))
-        assert all(torch.equal(other[k], lead[k]) for k in lead), r
     for prefix in ("policy.", "critic."):
         keys = [k for k in lead if k.startswith(prefix)]
         if not keys:
