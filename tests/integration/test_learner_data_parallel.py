@@ -97,3 +97,24 @@ def test_data_parallel_ranks_train_to_the_one_rank_update(name, world, tokenizer
         assert moved > 1e-2 and apart < 1e-3 * moved, (prefix, float(moved), float(apart))
     for a in ranks:
         ray.kill(a)
+
+
+def test_ranks_that_no_longer_match_stop_the_job_at_the_checkpoint_check(ray_session):
+    """The driver's check after each checkpoint (`LearnerGroup.check_in_step`), on stand-in ranks that report
+    fingerprints: equal ones pass, one differing rank raises, naming the divergence."""
+    from cluster.learners import LearnerGroup
+
+    @ray.remote(num_cpus=0)
+    class Rank:
+        def __init__(self, fp: str):
+            self.fp = fp
+
+        def fingerprint(self) -> str:
+            return self.fp
+
+    group = LearnerGroup.__new__(LearnerGroup)
+    group.actors = [Rank.remote("a" * 64), Rank.remote("a" * 64)]
+    group.check_in_step(60)
+    group.actors.append(Rank.remote("b" * 64))
+    with pytest.raises(RuntimeError, match=r"learner ranks diverged.*'aaaaaaaaaaaa', 'aaaaaaaaaaaa', 'bbbbbbbbbbbb'"):
+        group.check_in_step(60)
