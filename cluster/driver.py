@@ -469,7 +469,8 @@ class _Loop:
         try:
             stats = self.learners.gather(refs, to.train_s)
         except (ray.exceptions.RayActorError, RankDied) as e:
-            raise LearnerFailed(learner_died(f"during step {step}", self.run_dir, type(e).__name__)) from None
+            cause = e.__cause__ if isinstance(e, RankDied) and e.__cause__ is not None else e  # Ray's own error
+            raise LearnerFailed(learner_died(f"during step {step}", self.run_dir, type(cause).__name__)) from None
         self.in_training = 0
         for g in groups:
             self.rollout.acct.train(g.prompt.uid)
