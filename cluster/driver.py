@@ -291,19 +291,6 @@ def learner_died(when: str, run_dir: Path, error: str) -> str:
             f"(latest checkpoint: {latest_checkpoint(run_dir) or 'none yet'})")
 
 
-def _is_actor(e, handle) -> bool:
-    """Whether a RayActorError is about HANDLE's actor (when Ray does not say which actor, probe it)."""
-    if getattr(e, "actor_id", None):
-        return e.actor_id == handle._actor_id.hex()
-    import ray
-
-    try:
-        ray.get(handle.__ray_ready__.remote(), timeout=10)
-        return False
-    except Exception:
-        return True
-
-
 RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints", "final_model")
 
 

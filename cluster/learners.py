@@ -111,8 +111,6 @@ class LearnerGroup:
 
     def owns(self, e) -> bool:
         """Whether a RayActorError is about one of the ranks."""
-        from cluster.driver import _is_actor
-
         return any(_is_actor(e, a) for a in self.actors)
 
     def check_in_step(self, timeout_s: float) -> None:
@@ -140,3 +138,15 @@ class LearnerGroup:
         for a in self.actors:
             ray.kill(a)
 
+
+def _is_actor(e, handle) -> bool:
+    """Whether a RayActorError is about HANDLE's actor (when Ray does not say which actor, probe it)."""
+    if getattr(e, "actor_id", None):
+        return e.actor_id == handle._actor_id.hex()
+    import ray
+
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=10)
+        return False
+    except Exception:
+        return True
