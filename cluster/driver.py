@@ -128,6 +128,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     model_path = os.path.abspath(cfg.model.path or world.model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     context = AutoConfig.from_pretrained(model_path).max_position_embeddings
+    check_lora_targets(model_path, cfg.learner)  # a target matching no layer fails before anything starts
     max_prompt = context - cfg.generator.max_new_tokens
     # every row checked here, before Ray or vLLM start: a bad one stops the job naming its row
     train = load_prompts(cfg.task.dataset or world.train_path, tokenizer, encode, max_prompt)
@@ -225,7 +226,9 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                     f"train {row['time/train_s']:.1f}s sync {row['time/sync_s']:.2f}s  gens {len(pool.actors)}")
             loop_s = time.monotonic() - t_loop
             rollout.drop_all("unused_at_end")
-            final_dir = ray.get(learner.save.remote(str((run_dir / "final_model").resolve())), timeout=to.train_s)
+            adapter_dir = str((run_dir / "final_adapter").resolve()) if cfg.learner.lora_rank else None
+            final_dir = ray.get(learner.save.remote(str((run_dir / "final_model").resolve()), adapter_dir),
+                                timeout=to.train_s)
         except ray.exceptions.RayActorError as e:  # the learner died outside train_step: publish, checkpoint, save
             if not learners.owns(e):
                 raise
@@ -265,6 +268,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             "syncs_superseded": pool.stats.syncs_superseded,
             "reward_worker_restarts": rewards.restarts,
             "final_model": final_dir,
+            "final_adapter": adapter_dir,
             "config": to_dict(cfg),
         }
     finally:
@@ -291,7 +295,25 @@ def learner_died(when: str, run_dir: Path, error: str) -> str:
             f"(latest checkpoint: {latest_checkpoint(run_dir) or 'none yet'})")
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints", "final_model")
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "checkpoints", "final_model", "final_adapter")
+
+
+def check_lora_targets(model_path: str, lc) -> None:
+    """learner.lora_targets against the model's layers, on a weightless (meta-device) copy of it: a suffix that
+    matches no linear layer is a ConfigError before any actor starts."""
+    if not lc.lora_rank:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from learner.lora import target_names
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    try:
+        target_names(model, lc.lora_targets)
+    except ValueError as e:
+        raise ConfigError(f"learner.lora_targets: {e}") from None
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:

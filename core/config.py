@@ -314,6 +314,16 @@ class LearnerConfig:
                             "model and optimizer and runs its share of every minibatch; gradients are summed over "
                             "ranks (torch.distributed: gloo on CPU, NCCL on GPU) before each optimizer step, so the "
                             "update is the one-rank update. num_cpus, num_gpus and resources are per rank.", positive)
+    lora_rank: int = _f(0, "LoRA rank r (0 = train every weight). r > 0 freezes the model and trains low-rank "
+                        "adapters A (r x in), B (out x r) on the lora_targets layers, y = W x + (lora_alpha / r) B A x "
+                        "(TRL's peft_config, OpenRLHF's --lora_rank, veRL's lora_rank). AdamW state is the adapters' "
+                        "alone, the reference for KL is the base model with adapters off (no second copy), a PPO "
+                        "critic gets its own adapters and a full value head. Generators and final_model get merged "
+                        "weights; the adapter is also saved in PEFT's format (final_adapter/).", non_negative)
+    lora_alpha: float = _f(16.0, "LoRA scale numerator: adapters are scaled by lora_alpha / lora_rank.", positive)
+    lora_targets: str = _f("all-linear", "Layers LoRA adapts: all-linear (every linear layer but the output head, "
+                           "as peft) or comma-separated module-name suffixes, e.g. q_proj,v_proj. A suffix that "
+                           "matches no linear layer of the model fails before anything starts.")
     num_cpus: float = _f(1.0, "Ray CPUs reserved per learner rank.", positive)
     num_gpus: float = _f(0.0, "Ray GPUs reserved per learner rank.", non_negative)
     resources: str = _f("", _RESOURCES_HELP, _resources_check)
@@ -534,6 +544,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"learner.num_gpus: data-parallel ranks on GPU need a whole GPU each (NCCL cannot run two "
                           f"ranks on one), got {cfg.learner.num_gpus} with learner.data_parallel="
                           f"{cfg.learner.data_parallel}")
+    if cfg.learner.lora_rank and not [t for t in cfg.learner.lora_targets.split(",") if t.strip()]:
+        raise ConfigError(f"learner.lora_targets: names no layer ({cfg.learner.lora_targets!r}); use all-linear or "
+                          f"module-name suffixes such as q_proj,v_proj")
     if cfg.algo.kl_target > 0 and cfg.algo.kl_coef == 0:
         raise ConfigError("algo.kl_target: adaptive KL needs a starting algo.kl_coef > 0 (0 disables the reference model)")
     return cfg

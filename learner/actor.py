@@ -38,6 +38,7 @@ from core.weights import serialize_state_dict
 from learner import algos
 from learner.batch import Batch, collate, micro_batches
 from learner.forward import ValueModel, batch_logits
+from learner.lora import adapters_off, apply_lora, load_adapter, merged_state_dict, save_adapter
 
 log = logging.getLogger(__name__)
 AUTO_MISMATCH = 1e-3  # algo.old_logprobs=auto: mean |vLLM - learner| log-prob above which old log-probs are recomputed
@@ -52,6 +53,17 @@ def _lr_lambda(cfg: LearnerConfig, total_steps: int):
         frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
         return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return f
+
+
+def _atomic_dir(out_dir: str, write) -> None:
+    """WRITE(tmp) into a sibling temporary folder, then swap it in for OUT_DIR."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 class Learner:
@@ -79,15 +91,22 @@ class Learner:
             load["attn_implementation"] = "eager"
         self.policy = AutoModelForCausalLM.from_pretrained(model_path, **load).to(self.device)
         self.policy.config.use_cache = False
+        # learner.lora_rank: the policy is frozen but for its adapters (learner.lora); the critic, a copy of its
+        # body, carries adapters of its own
+        self.lora = cfg.lora_rank > 0
+        if self.lora:
+            apply_lora(self.policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        # KL's frozen reference: a second copy of the initial model, or with LoRA the policy with adapters off
+        self.has_ref = algo.kl_coef > 0
         self.ref = None
-        if algo.kl_coef > 0:
+        if self.has_ref and not self.lora:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, **load).to(self.device)
             self.ref.eval().requires_grad_(False)
         self.critic = ValueModel(self.policy).to(self.device) if algo.estimator == "ppo" else None
         # fused: one kernel over all tensors (3x faster than the per-tensor loop on CPU, same update)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.opt = torch.optim.AdamW(self._trainable(self.policy), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, total_steps))
-        self.critic_opt = (torch.optim.AdamW(self.critic.parameters(), lr=algo.critic_lr, fused=True)
+        self.critic_opt = (torch.optim.AdamW(self._trainable(self.critic), lr=algo.critic_lr, fused=True)
                            if self.critic is not None else None)
         self.step = 0
         self.version = 0
@@ -138,8 +157,12 @@ class Learner:
         sums = torch.stack([torch.stack([t.double().sum(), t.double().abs().sum()]) for t in tensors])
         return hashlib.sha256(sums.cpu().numpy().tobytes()).hexdigest()
 
+    @staticmethod
+    def _trainable(model) -> list[torch.Tensor]:
+        return [p for p in model.parameters() if p.requires_grad]
+
     def _params(self) -> list[torch.Tensor]:
-        return [p for m in (self.policy, self.critic) if m is not None for p in m.parameters() if p.requires_grad]
+        return [p for m in (self.policy, self.critic) if m is not None for p in self._trainable(m)]
 
     def _shard(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's share of ROWS: contiguous, so most groups' rows stay together for the shared prefix."""
@@ -202,6 +225,12 @@ class Learner:
     def _logp(self, model, b: Batch) -> torch.Tensor:
         return algos.token_logprobs(self._logits(model, b), b.input_ids[:, 1:].to(self.device))
 
+    def _ref_logp(self, b: Batch) -> torch.Tensor:
+        if self.ref is not None:
+            return self._logp(self.ref, b)
+        with adapters_off(self.policy):  # LoRA: the base model is the initial policy
+            return self._logp(self.policy, b)
+
     def _values(self, b: Batch) -> torch.Tensor:
         """The critic's V(s_t) aligned like the log-probs, (B, W-1): the same forward path as the policy's."""
         return self._logits(self.critic, b)[..., 0]
@@ -232,8 +261,8 @@ class Learner:
         OLD_ROWS, when given: compute old log-probs for these rows only (zeros elsewhere)."""
         pre: dict[str, torch.Tensor] = {}
         with self.autocast():  # one region: each model's weights are cast once for all micro-batches
-            if self.ref is not None:
-                pre["ref"] = self._rowwise(lambda mb: self._logp(self.ref, mb), b, shard=True)
+            if self.has_ref:
+                pre["ref"] = self._rowwise(self._ref_logp, b, shard=True)
             if self.critic is not None:
                 pre["values"] = self._rowwise(self._values, b, shard=True)
             if recompute:
@@ -302,10 +331,10 @@ class Learner:
         from_sampler = self._same_on_every_rank(self._old_from_sampler(b))  # rank 0 alone knows what it published
         # Without a reference or a critic the advantages are a function of the rewards alone: compute them first,
         # so the rows that carry no gradient are known before any forward pass (and skip the no-grad one too).
-        early = self.ref is None and self.critic is None
+        early = not self.has_ref and self.critic is None
         adv, ret, kl = self._advantages(b, mask, {}) if early else (None, None, None)
         trained = self._trained_rows(adv, mask) if early else None
-        lazy_rows = minibatch_rows[0][0] if not from_sampler and self.ref is None else None
+        lazy_rows = minibatch_rows[0][0] if not from_sampler and not self.has_ref else None
         old_rows = None
         if lazy_rows is not None:
             keep = torch.ones(B, dtype=torch.bool) if trained is None else trained.cpu().clone()
@@ -396,7 +425,7 @@ class Learner:
         token adds exactly 0 to the policy-gradient loss and its gradient (PPO's clipped terms, dual clip and
         importance weights all multiply the advantage); it is left out when no other term reads it."""
         a = self.algo
-        kl_loss = self.ref is not None and a.kl_mode == "loss"
+        kl_loss = self.has_ref and a.kl_mode == "loss"
         if not self.cfg.skip_zero_advantage or a.entropy_coef or kl_loss or self.critic is not None:
             return None
         return ((adv * mask) != 0).any(1)
@@ -450,7 +479,7 @@ class Learner:
                 ent = algos.aggregate(algos.entropy_from_logits(logits), m, a.loss_agg, norm_const)
                 if a.entropy_coef:
                     loss = loss - a.entropy_coef * ent
-                if self.ref is not None and a.kl_mode == "loss":
+                if self.has_ref and a.kl_mode == "loss":
                     kl_now = algos.kl_estimate(logp, cut(pre["ref"]), a.kl_kind)
                     loss = loss + self.kl_coef * algos.aggregate(kl_now, m, a.loss_agg, norm_const)
                 (loss * share).backward()
@@ -494,7 +523,7 @@ class Learner:
 
         self.version += 1
         self._published_step = self.step
-        state = self.policy.state_dict()
+        state = merged_state_dict(self.policy) if self.lora else self.policy.state_dict()
         if self.publish_dtype != torch.float32:
             state = {k: v.to(self.publish_dtype) if v.is_floating_point() else v for k, v in state.items()}
         blob, checksum = serialize_state_dict(state, out=self._blob)
@@ -502,25 +531,30 @@ class Learner:
         self._blob = blob
         return WeightsHandle(version=self.version, blob_ref=[ref], num_bytes=blob.nbytes, checksum=checksum)
 
-    def save(self, out_dir: str) -> str:
-        """Write a plain Hugging Face folder (model + tokenizer) atomically; returns its path."""
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(str(tmp), safe_serialization=True)
-        for f in os.listdir(self.model_path):
-            if f.startswith(("tokenizer", "special_tokens")) or f == "generation_config.json":
-                shutil.copy(os.path.join(self.model_path, f), tmp / f)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        return str(out)
+    def save(self, out_dir: str, adapter_dir: str | None = None) -> str:
+        """Write a plain Hugging Face folder (model + tokenizer) atomically; returns its path. With LoRA the
+        weights are merged, and ADAPTER_DIR, when given, gets the adapter alone as a PEFT folder (a separate
+        folder: transformers would read an adapter_config.json beside the merged weights as an adapter to apply
+        on top of them)."""
+        def write(tmp: Path) -> None:
+            state = merged_state_dict(self.policy) if self.lora else None
+            self.policy.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+            for f in os.listdir(self.model_path):
+                if f.startswith(("tokenizer", "special_tokens")) or f == "generation_config.json":
+                    shutil.copy(os.path.join(self.model_path, f), tmp / f)
+
+        _atomic_dir(out_dir, write)
+        if self.lora and adapter_dir:
+            _atomic_dir(adapter_dir, lambda tmp: save_adapter(self.policy, tmp, self.model_path, self.cfg.lora_rank,
+                                                              self.cfg.lora_alpha))
+        return str(out_dir)
 
     def save_checkpoint(self, out_dir: str) -> str:
         """Everything needed to continue training exactly: the policy as a Hugging Face folder
         (OUT/model) and the rest (optimizers, LR schedule, critic, adaptive KL coefficient, step,
         version, RNG) in OUT/learner.pt. The caller makes the directory swap atomic."""
         out = Path(out_dir)
-        self.save(str(out / "model"))
+        self.save(str(out / "model"), str(out / "adapter"))
         state = {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "step": self.step,
                  "version": self.version, "kl_coef": self.kl_coef, "torch_rng": torch.get_rng_state()}
         if self.critic is not None:
@@ -534,13 +568,17 @@ class Learner:
         from safetensors.torch import load_file
 
         ckpt = Path(ckpt_dir)
-        weights = {}
-        for f in sorted((ckpt / "model").glob("*.safetensors")):
-            weights.update(load_file(str(f)))
-        missing, unexpected = self.policy.load_state_dict(weights, strict=False)
-        # tied / non-persistent buffers may be absent from the file; real parameters must not be
-        if unexpected or [m for m in missing if "rotary" not in m]:
-            raise ValueError(f"checkpoint {ckpt_dir} does not match the policy: missing {missing}, unexpected {unexpected}")
+        if self.lora:  # the base is the run's initial model, as loaded; only the adapters moved
+            load_adapter(self.policy, ckpt / "adapter")
+        else:
+            weights = {}
+            for f in sorted((ckpt / "model").glob("*.safetensors")):
+                weights.update(load_file(str(f)))
+            missing, unexpected = self.policy.load_state_dict(weights, strict=False)
+            # tied / non-persistent buffers may be absent from the file; real parameters must not be
+            if unexpected or [m for m in missing if "rotary" not in m]:
+                raise ValueError(f"checkpoint {ckpt_dir} does not match the policy: missing {missing}, "
+                                 f"unexpected {unexpected}")
         state = torch.load(ckpt / "learner.pt", map_location=self.device, weights_only=False)
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
@@ -575,4 +613,5 @@ class Learner:
 
         return {"step": self.step, "version": self.version, "device": str(self.device), "rank": self.rank,
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "params": sum(p.numel() for p in self.policy.parameters()), "algo": asdict(self.algo)}
+                "params": sum(p.numel() for p in self.policy.parameters()),
+                "trainable_params": sum(p.numel() for p in self._trainable(self.policy)), "algo": asdict(self.algo)}

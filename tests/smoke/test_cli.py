@@ -156,3 +156,13 @@ def test_malformed_dataset_fails_before_ray_naming_the_row(tmp_path):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"data error: {bad}: row 1: missing field 'answer'" in out.stderr
     assert "Started a local Ray instance" not in out.stderr + out.stdout
+
+
+def test_lora_target_matching_no_layer_fails_before_ray(tmp_path):
+    """learner.lora_targets is checked against the model's own layers (a weightless copy) before anything starts."""
+    out = _run(["train", "--learner.lora_rank=4", "--learner.lora_targets=q_proj,qkv_proj", f"--run_dir={tmp_path}"],
+               300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "config error: learner.lora_targets: ['qkv_proj'] match no linear layer" in out.stderr
+    assert "down_proj" in out.stderr  # it says which layers there are
+    assert "Started a local Ray instance" not in out.stderr + out.stdout
