@@ -22,6 +22,9 @@ eager attention the learner picks for bf16 on CPU. It pays only on CPUs with AMX
 `--compile` compares instead the CPU default ("+ sampler"; with --bf16, "bf16") with the same learner whose policy
 is torch.compile'd (`policy.compile(dynamic=True)`, not a relayrl option); the first update, which compiles, is
 reported apart.
+`--lora R` compares instead the CPU default ("+ sampler") with the same learner training LoRA adapters of rank R on
+every linear layer (learner.lora_rank=R, lora_alpha=2R): frozen base, no weight gradients for it, AdamW over the
+adapters only. The table adds trainable parameters and AdamW state.
 """
 
 from __future__ import annotations
@@ -68,11 +71,14 @@ def _learner(path: str, variant: str, threads: int, estimator: str):
 
     compiled = variant.endswith(", compiled")
     variant = variant.removesuffix(", compiled")
+    lora = int(variant.split("LoRA r=")[1]) if "LoRA r=" in variant else 0
+    variant = variant.split(", LoRA")[0]
     algo = AlgoConfig(estimator=estimator, old_logprobs="sampler" if variant == "+ sampler" else "recompute")
     # (random rewards never tie, so skip_zero_advantage has nothing to skip here; plain runs every row regardless)
     dtype = "bfloat16" if variant.startswith("bf16") else "float32"
     learner = Learner(path, algo, LearnerConfig(torch_threads=threads, shared_prefix=variant != "plain",
-                                                skip_zero_advantage=variant != "plain", compute_dtype=dtype), 100, 0)
+                                                skip_zero_advantage=variant != "plain", compute_dtype=dtype,
+                                                lora_rank=lora, lora_alpha=2.0 * max(lora, 1)), 100, 0)
     if variant == "bf16, SDPA attention":  # what the learner would run without its eager-attention choice
         for model in (learner.policy, learner.critic and learner.critic.body):
             if model is not None:
@@ -108,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
                    "CPUs with AMX; GPUs autocast to bf16 by default).")
     p.add_argument("--compile", action="store_true", help="The default CPU path against the same with its policy "
                    "torch.compile'd (with --bf16: the bf16 learner); the compiling first update is reported apart.")
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="The CPU default against the same with LoRA "
+                   "adapters of rank R (learner.lora_rank) on every linear layer.")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
 
     if args.compile:
         base = "bf16" if args.bf16 else "+ sampler"
         variants = (base, f"{base}, compiled")
+    elif args.lora:
+        variants = ("+ sampler", f"+ sampler, LoRA r={args.lora}")
     else:
         variants = BF16_VARIANTS if args.bf16 else VARIANTS
     path, params = _model(args.model)
@@ -131,15 +141,20 @@ def main(argv: list[str] | None = None) -> int:
                 first[v] = time.perf_counter() - t0
     base = median(times[variants[0]])
     rows = [{"variant": v, "s": median(times[v]), "speedup": base / median(times[v]), "runs": len(times[v]),
-             "first_s": first[v]} for v in variants]
-    md = table(rows, [("variant", "variant", ""), ("s", "s per update (median)", ".2f"),
-                      ("speedup", f"vs {variants[0]}", ".2f"), ("first_s", "first update s (warm-up)", ".1f"),
-                      ("runs", "runs", "d")])
+             "first_s": first[v], "trainable_m": sum(p.numel() for p in learners[v]._params()) / 1e6,
+             "adam_mb": sum(t.numel() * t.element_size() for o in (learners[v].opt, learners[v].critic_opt) if o
+                            for st in o.state.values() for t in st.values()) / 2**20} for v in variants]
+    cols = [("variant", "variant", ""), ("s", "s per update (median)", ".2f"), ("speedup", f"vs {variants[0]}", ".2f"),
+            ("first_s", "first update s (warm-up)", ".1f"), ("runs", "runs", "d")]
+    if args.lora:
+        cols += [("trainable_m", "trained params (M)", ".2f"), ("adam_mb", "AdamW state MiB", ".1f")]
+    md = table(rows, cols)
     md += (f"\n\nEstimator: {args.estimator}. Model: {args.model} ({params / 1e6:.2f}M parameters), {args.prompts} prompts x {args.group} samples, "
            f"7-token prompts, 6-token completions, 2 minibatches, micro-batch 64, {args.threads} torch threads.")
     print(md)
     suffix = (("" if args.model == "large" else f"_{args.model}") + ("" if args.estimator == "grpo" else f"_{args.estimator}")
-              + ("_bf16" if args.bf16 else "") + ("_compile" if args.compile else ""))
+              + ("_bf16" if args.bf16 else "") + ("_compile" if args.compile else "")
+              + (f"_lora{args.lora}" if args.lora else ""))
     out = write_results(f"learner_step{suffix}", {"args": vars(args), "params": params, "rows": rows,
                                                   "times": times}, md, args.results_dir)
     print(f"results: {out}")

@@ -59,6 +59,21 @@ def test_learner_step_bench_tiny_budget(tmp_path, estimator, bf16):
     assert res["rows"][0]["speedup"] == 1.0 and f"| {variants[-1]} |" in md and f"Estimator: {estimator}." in md
 
 
+def test_learner_step_bench_lora_tiny_budget(tmp_path):
+    """bench/learner_step.py --lora: the default learner against LoRA adapters, with trained parameters and AdamW
+    state (two moments per trained parameter, float32)."""
+    out = subprocess.run([sys.executable, "-m", "bench.learner_step", "--model", "tiny", "--prompts", "4",
+                          "--repeats", "1", "--threads", "1", "--lora", "4", "--results-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "learner_step_tiny_lora4.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["+ sampler", "+ sampler, LoRA r=4"]
+    full, lora = rows
+    assert lora["trainable_m"] < full["trainable_m"] / 10
+    for r in rows:
+        assert r["adam_mb"] == pytest.approx(2 * 4 * r["trainable_m"] * 1e6 / 2**20, rel=1e-6)
+
+
 def test_data_parallel_bench_tiny_budget(tmp_path):
     """bench/data_parallel.py: one learner rank with 2 threads against two with 1 (real actors, gloo), tiny shape,
     4 prompts, one timed update each."""
