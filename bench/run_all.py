@@ -6,7 +6,8 @@ from bench import algos, async_sync, data_parallel, generation, learner_step, lo
 
 
 def main() -> int:
-    for bench, argv in ((learner_step, []), (learner_step, ["--estimator", "ppo"]), (data_parallel, []),
+    for bench, argv in ((learner_step, []), (learner_step, ["--estimator", "ppo"]), (learner_step, ["--lora", "8"]),
+                        (data_parallel, []),
                         (weight_sync, []),
                         (generation, []), (async_sync, []), (long_tail, []), (algos, [])):
         rc = bench.main(argv)

@@ -26,6 +26,9 @@ the same resolved relayrl config:
   train on the same number of samples;
 - optimizer: fused AdamW (torch.optim.AdamW(fused=True); TRL optim="adamw_torch_fused"), learning rate, weight decay, grad-norm clip, constant schedule (TRL's default decay is
   turned off), warm-up; sampling: temperature 1, top-p 1, no top-k, max_new_tokens (TRL max_completion_length);
+- LoRA (--extra=--learner.lora_rank=R, with lora_alpha and lora_targets): TRL gets the same adapters through peft
+  (peft_config=LoraConfig(r, lora_alpha, lora_dropout=0, the same target modules)); both evaluate the merged
+  model at the end (TRL's adapters merged with peft's merge_and_unload);
 - seed: the same number (data order and sampling streams differ between the frameworks all the same);
 - precision: float32 on both sides by default; with --extra=--learner.compute_dtype=bfloat16 relayrl's learner
   autocasts to bf16 and TRL gets bf16=True (the same mixed precision: float32 weights, bf16 matmuls), and
@@ -226,6 +229,8 @@ def trl_spec(cfg, config_path: str, overrides: list[str], world, out_dir: Path, 
             "beta": a.kl_coef, "temperature": cfg.generator.temperature,
             "max_new_tokens": cfg.generator.max_new_tokens, "torch_threads": lc.torch_threads,
             "use_vllm": use_vllm, "bf16": lc.compute_dtype == "bfloat16", "config_path": config_path,
+            # learner.lora_rank > 0: TRL trains the same adapters through peft (GRPOTrainer's peft_config)
+            "lora": ({"r": lc.lora_rank, "alpha": lc.lora_alpha, "targets": lc.lora_targets} if lc.lora_rank else None),
             "overrides": overrides, "relayrl_config": to_dict(cfg)}
 
 
@@ -329,8 +334,16 @@ def trl_worker(spec_path: str) -> int:
     args = grpo_config(spec)
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     clock = Clock()
+    peft_config = None
+    if spec["lora"]:  # the same adapters as relayrl's learner.lora_*: every linear layer but the head, no dropout
+        from peft import LoraConfig
+
+        lo = spec["lora"]
+        targets = lo["targets"] if lo["targets"] == "all-linear" else [t.strip() for t in lo["targets"].split(",")]
+        peft_config = LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=0.0, target_modules=targets,
+                                 task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
-                          processing_class=tokenizer, callbacks=[clock])
+                          processing_class=tokenizer, callbacks=[clock], peft_config=peft_config)
     startup_s = time.monotonic() - t_proc
     t0 = time.perf_counter()
     trainer.train()
@@ -345,7 +358,10 @@ def trl_worker(spec_path: str) -> int:
                         "trained_model_hf_greedy": hf_greedy_accuracy(trainer.model, tokenizer, heldout, max_new, judge)}
         print(f"[trl] colocated vLLM engine after training: {engine_check}", flush=True)
     final = out_dir / "final_model"
-    trainer.save_model(str(final))
+    if spec["lora"]:  # a plain model for the final evaluation, as relayrl's final_model is: adapters merged
+        trainer.model.merge_and_unload().save_pretrained(str(final))
+    else:
+        trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
     samples = steps * spec["prompts_per_step"] * spec["group_size"]
     loop_s = sum(clock.step_seconds)
