@@ -18,6 +18,10 @@ minibatch rows; each runs the forward/backward of its share of each minibatch's 
 pass, whose tensors are then summed over ranks), the gradients are summed over ranks (torch.distributed: gloo
 on CPU, NCCL on GPU), and every rank takes the same optimizer step on the same gradient. The loss weights are
 shares of the whole minibatch, so the sum is the one-rank gradient. Rank 0 alone publishes and saves.
+
+LoRA (learner.lora_rank > 0, learner.lora): the policy is frozen but for low-rank adapters, the reference is the
+policy with its adapters off, and what is published or saved is the merged model (plus the adapter alone, in
+PEFT's format, beside each saved model).
 """
 
 from __future__ import annotations

@@ -158,6 +158,35 @@ def test_malformed_dataset_fails_before_ray_naming_the_row(tmp_path):
     assert "Started a local Ray instance" not in out.stderr + out.stdout
 
 
+def test_train_with_lora_writes_merged_model_and_adapter_then_resumes(tmp_path):
+    """`relayrl train --learner.lora_rank=4`: the generators train on merged weights, the run ends with a plain
+    final_model and a PEFT final_adapter, and --resume continues from a checkpoint's adapter."""
+    job = ["--prompts_per_step=8", "--eval_every=1", "--generator.num_generators=1", "--algo.group_size=4",
+           "--learner.lora_rank=4", "--learner.lora_alpha=8", "--learner.lr=1e-2", "--checkpoint_every=1",
+           f"--run_dir={tmp_path}", "--run_name=lora"]
+    out = _run(["train", "--steps=2", *job], 600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "lora"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_adapter"] == str(run / "final_adapter")
+    adapter = json.loads((run / "final_adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4 and "q_proj" in adapter["target_modules"]
+    assert (run / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors").exists()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # the published (merged) weights are the learner's: vLLM's log-probs stay the learner's own numbers
+    assert all(r["train/logprob_mismatch"] < 1e-5 for r in rows if "train/logprob_mismatch" in r)
+
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(run / "final_model")
+    assert not any("lora" in k for k in final.state_dict())
+
+    resumed = _run(["train", "--resume", str(run), "--steps=3"], 600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 3  # the latest checkpoint: step 1
+
+
 def test_lora_target_matching_no_layer_fails_before_ray(tmp_path):
     """learner.lora_targets is checked against the model's own layers (a weightless copy) before anything starts."""
     out = _run(["train", "--learner.lora_rank=4", "--learner.lora_targets=q_proj,qkv_proj", f"--run_dir={tmp_path}"],
