@@ -24,7 +24,8 @@ is torch.compile'd (`policy.compile(dynamic=True)`, not a relayrl option); the f
 reported apart.
 `--lora R` compares instead the CPU default ("+ sampler") with the same learner training LoRA adapters of rank R on
 every linear layer (learner.lora_rank=R, lora_alpha=2R): frozen base, no weight gradients for it, AdamW over the
-adapters only. The table adds trainable parameters and AdamW state.
+adapters only. The table adds trained parameters and AdamW state (its two moments; the step counters are left
+out).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"variant": v, "s": median(times[v]), "speedup": base / median(times[v]), "runs": len(times[v]),
              "first_s": first[v], "trainable_m": sum(p.numel() for p in learners[v]._params()) / 1e6,
              "adam_mb": sum(t.numel() * t.element_size() for o in (learners[v].opt, learners[v].critic_opt) if o
-                            for st in o.state.values() for t in st.values()) / 2**20} for v in variants]
+                            for st in o.state.values() for k, t in st.items() if k != "step") / 2**20} for v in variants]
     cols = [("variant", "variant", ""), ("s", "s per update (median)", ".2f"), ("speedup", f"vs {variants[0]}", ".2f"),
             ("first_s", "first update s (warm-up)", ".1f"), ("runs", "runs", "d")]
     if args.lora:
