@@ -38,7 +38,7 @@ test: install tools
 test-unit: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
-## Every benchmark: learner update, data-parallel learner, weight sync, generation, async vs sync, algorithms, then TRL (tiny model):
+## Every benchmark: learner update (full and LoRA), data-parallel learner, weight sync, generation, async vs sync, algorithms, then TRL (tiny model):
 ## the same update on one batch (parity), then end to end
 bench: install bench-env
 	$(BIN)/python -m bench.run_all
