@@ -371,6 +371,12 @@ def resume_config(run_dir: str, overrides: list[str]) -> Config:
     if not (path / "config.yaml").exists():
         raise FileNotFoundError(f"--resume {run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(str(path / "config.yaml"), overrides)
+    saved = load_config(str(path / "config.yaml"))
+    for name in ("lora_rank", "lora_alpha", "lora_targets"):  # the checkpoint's trained tensors depend on them
+        was, now = getattr(saved.learner, name), getattr(cfg.learner, name)
+        if was != now:
+            raise ConfigError(f"learner.{name}: the run in {run_dir} was trained with {was!r}; its checkpoints "
+                              f"cannot continue with {now!r} (start a new run from its final_model instead)")
     cfg.run_dir, cfg.run_name = str(path.parent), path.name
     return cfg
 

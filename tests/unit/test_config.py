@@ -385,3 +385,24 @@ def test_cli_train_valid_config_calls_driver(monkeypatch):
     assert len(seen) == 1 and seen[0].steps == 2 and math.isclose(seen[0].learner.lr, 0.01)
     monkeypatch.setattr(cluster.driver, "run", lambda cfg, log=print, resume=False: {})
     assert cli.main(["train"]) == 1  # an empty summary is a failed run
+
+
+def test_resume_refuses_a_changed_lora_shape_naming_the_field(tmp_path):
+    """A checkpoint's trained tensors are the adapters of one shape (or the whole model): --resume with another
+    learner.lora_* fails before anything starts; other overrides still apply."""
+    import yaml
+
+    from cluster.driver import resume_config
+    from core.config import Config, ConfigError, to_dict
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = Config()
+    cfg.learner.lora_rank = 8
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert resume_config(str(run), ["--steps=99"]).steps == 99
+    with pytest.raises(ConfigError, match=r"learner.lora_rank: the run in .* was trained with 8; .* cannot continue "
+                                          r"with 0"):
+        resume_config(str(run), ["--learner.lora_rank=0"])
+    with pytest.raises(ConfigError, match="learner.lora_targets"):
+        resume_config(str(run), ["--learner.lora_targets=q_proj"])
