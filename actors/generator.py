@@ -184,8 +184,11 @@ class Generator:
     def _apply(self, kind: str, payload, busy: bool):
         if kind == "fingerprint":
             return self._fingerprint()
-        blob, checksum, version, _, verify = payload
-        self.llm.collective_rpc("relayrl_load_weights", args=(blob, checksum))
+        blob, checksum, version, _, verify, lora = payload
+        if lora is None:
+            self.llm.collective_rpc("relayrl_load_weights", args=(blob, checksum))
+        else:  # adapters alone: the worker merges them into its base (learner.lora_sync=adapter)
+            self.llm.collective_rpc("relayrl_load_lora", args=(blob, checksum, lora.base_path, lora.scale))
         # vLLM's prefix cache holds KV computed with the old weights: drop it. With samples running (in-flight
         # update) their blocks cannot be freed and vLLM keeps the cache; requests are salted with the version
         # they start on (cache_salt), so no new request reuses blocks of an older version either way.
@@ -271,7 +274,7 @@ class Generator:
         import ray
 
         blob = ray.get(handle.blob_ref[0])
-        return self._submit("update", (blob, handle.checksum, handle.version, inflight, verify)).result()
+        return self._submit("update", (blob, handle.checksum, handle.version, inflight, verify, handle.lora)).result()
 
     def fingerprint(self) -> str:
         return self._submit("fingerprint", None).result()

@@ -10,8 +10,9 @@ post-processing (fused qkv / gate-up, packed CPU linears). Loading straight into
 from __future__ import annotations
 
 import hashlib
+import os
 
-from core.weights import deserialize_state_dict
+from core.weights import deserialize_state_dict, merge_adapters
 
 
 class WeightReceiver:
@@ -19,6 +20,31 @@ class WeightReceiver:
         state = deserialize_state_dict(blob, checksum)
         self.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
+
+    def relayrl_load_lora(self, blob, checksum: str, base_path: str, scale: float) -> int:
+        """An adapter-only version (learner.lora_sync=adapter): merge the adapters into the base model's weights
+        and reload them all. The whole model is reloaded, not only the adapted layers: vLLM fuses q/k/v and
+        gate/up into one parameter, and a reload that covers part of one leaves the rest of it unset."""
+        adapters = deserialize_state_dict(blob, checksum)
+        state = merge_adapters(self._relayrl_base(base_path), adapters, scale)
+        self.reload_weights(weights_iterator=iter(state.items()))
+        return len(adapters)
+
+    def _relayrl_base(self, base_path: str) -> dict:
+        """The base model's weights as stored in BASE_PATH's safetensors files, read once and kept (one copy of
+        the model in host memory)."""
+        cached = getattr(self, "_relayrl_base_cache", None)
+        if cached is None or cached[0] != base_path:
+            from safetensors.torch import load_file
+
+            files = sorted(f for f in os.listdir(base_path) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{base_path}: no .safetensors file to merge LoRA adapters into")
+            state = {}
+            for f in files:
+                state.update(load_file(os.path.join(base_path, f)))
+            cached = self._relayrl_base_cache = (base_path, state)
+        return cached[1]
 
     def relayrl_fingerprint(self) -> str:
         """sha256 over vLLM's own parameters (after its fusing): equal fingerprints across

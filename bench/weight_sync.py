@@ -2,6 +2,7 @@
 
     python -m bench.weight_sync                      # sizes tiny/small/medium, 1 and 2 generators
     python -m bench.weight_sync --sizes tiny --repeats 5
+    python -m bench.weight_sync --sizes medium --lora 8   # + LoRA: the merged model against the adapters alone
 
 For each model size (Llama shapes built locally, random weights) it measures:
 - floor: one generator actor reloading the same safetensors blob it already holds in memory
@@ -9,7 +10,12 @@ For each model size (Llama shapes built locally, random weights) it measures:
   what any sync must pay at least, with no transfer and no Ray call;
 - relayrl: `learner-side serialise + ray.put` plus `GeneratorPool.sync` to N generator actors
   (object-store transfer + checksum + reload on each, in parallel, confirmed by every generator).
-Median of `--repeats` syncs after one warm-up sync (excluded for both). Writes bench/results/weight_sync.{json,md}.
+- with `--lora R`, a LoRA learner of rank R on every linear layer: `Learner.publish` (merging the adapters
+  into the model + serialise + ray.put) and `GeneratorPool.sync` once with the merged model sent
+  (`learner.lora_sync=merged`) and once with the adapters alone (`adapter`: each generator merges them into
+  the base it holds, then reloads the whole model).
+Median of `--repeats` syncs after one warm-up sync (excluded for both). Writes bench/results/weight_sync.{json,md}
+(weight_sync_loraR with --lora).
 """
 
 from __future__ import annotations
@@ -66,30 +72,65 @@ def _floor(path: str, blob: bytes, checksum: str, repeats: int) -> float:
         ray.kill(actor)
 
 
-def _relayrl(path: str, state_dict, n_generators: int, repeats: int) -> tuple[float, float]:
-    """(median publish seconds: serialise + ray.put, median pool.sync seconds)."""
+def _publishers(path: str, state_dict, lora_rank: int) -> dict[str, object]:
+    """What is sent -> a function that publishes one version and returns its WeightsHandle. The whole model as
+    serialised by hand (the learner's full-weight path) and, with LORA_RANK > 0, a LoRA `Learner` (in this
+    process) publishing through `Learner.publish` both ways: merged model, adapters alone."""
     import ray
+    import torch
 
-    from actors.generator import EngineSettings
-    from actors.pool import GeneratorPool
     from core.messages import WeightsHandle
     from core.weights import serialize_state_dict
 
+    version = iter(range(1, 10**6))
+
+    def whole():
+        blob, checksum = serialize_state_dict(state_dict)
+        return WeightsHandle(version=next(version), blob_ref=[ray.put(blob)], num_bytes=len(blob), checksum=checksum)
+
+    out = {"whole model": whole}
+    if lora_rank:
+        from cluster.world import PAD
+        from core.config import AlgoConfig, LearnerConfig
+        from learner.actor import Learner
+        from learner.lora import lora_modules
+
+        for sync in ("merged", "adapter"):
+            learner = Learner(path, AlgoConfig(), LearnerConfig(lora_rank=lora_rank, lora_sync=sync), 10, 0, PAD)
+            torch.manual_seed(0)
+            for m in lora_modules(learner.policy).values():  # B = 0 at start; trained adapters merge to new weights
+                torch.nn.init.normal_(m.lora_B.weight, std=1e-3)
+
+            def publish(learner=learner):
+                learner.version = next(version) - 1
+                return learner.publish()
+
+            out[f"LoRA r={lora_rank}, {sync}"] = publish
+    return out
+
+
+def _relayrl(path: str, publishers: dict, n_generators: int, repeats: int) -> dict[str, tuple[float, float, int]]:
+    """What is sent -> (median publish seconds: (merge +) serialise + ray.put, median pool.sync seconds, bytes sent)."""
+    from actors.generator import EngineSettings
+    from actors.pool import GeneratorPool
+
     pool = GeneratorPool(EngineSettings(model_path=path, max_model_len=128), num_cpus=1, num_gpus=0,
                          startup_timeout_s=600, call_timeout_s=300, sync_timeout_s=300, log=lambda *_: None)
+    out = {}
     try:
         pool.start(n_generators)
-        pub, syn = [], []
-        for v in range(1, repeats + 2):
-            t0 = time.perf_counter()
-            blob, checksum = serialize_state_dict(state_dict)
-            handle = WeightsHandle(version=v, blob_ref=[ray.put(blob)], num_bytes=len(blob), checksum=checksum)
-            t1 = time.perf_counter()
-            s = pool.sync(handle)
-            if v > 1:
-                pub.append(t1 - t0)
-                syn.append(s)
-        return median(pub), median(syn)
+        for sent, publish in publishers.items():
+            pub, syn = [], []
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                handle = publish()
+                t1 = time.perf_counter()
+                s = pool.sync(handle)
+                if i > 0:  # the first is warm-up
+                    pub.append(t1 - t0)
+                    syn.append(s)
+            out[sent] = (median(pub), median(syn), handle.num_bytes)
+        return out
     finally:
         pool.shutdown()
 
@@ -99,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--generators", nargs="*", type=int, default=[1, 2])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="also a LoRA learner of rank R publishing merged weights and adapters alone (learner.lora_sync)")
     args = p.parse_args(argv)
 
     import ray
@@ -118,20 +161,23 @@ def main(argv: list[str] | None = None) -> int:
                 sd = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).state_dict()
                 blob, checksum = serialize_state_dict(sd)
                 floor = _floor(path, blob, checksum, args.repeats)
+                publishers = _publishers(path, sd, args.lora)
                 for n in args.generators:
-                    pub, syn = _relayrl(path, sd, n, args.repeats)
-                    rows.append({"size": size, "params_m": params / 1e6, "mib": len(blob) / 2**20, "generators": n,
-                                 "floor_s": floor, "publish_s": pub, "sync_s": syn, "total_s": pub + syn,
-                                 "ratio": (pub + syn) / floor})
-                    print(rows[-1], flush=True)
+                    for sent, (pub, syn, nbytes) in _relayrl(path, publishers, n, args.repeats).items():
+                        rows.append({"size": size, "params_m": params / 1e6, "sent": sent, "mib": nbytes / 2**20,
+                                     "generators": n, "floor_s": floor, "publish_s": pub, "sync_s": syn,
+                                     "total_s": pub + syn, "ratio": (pub + syn) / floor})
+                        print(rows[-1], flush=True)
     finally:
         ray.shutdown()
-    md = table(rows, [("size", "model", ""), ("params_m", "params (M)", ".2f"), ("mib", "MiB", ".1f"),
+    md = table(rows, [("size", "model", ""), ("params_m", "params (M)", ".2f"), ("sent", "sent", ""),
+                      ("mib", "MiB sent", ".2f"),
                       ("generators", "generators", "d"), ("floor_s", "floor: reload inside the actor s", ".3f"),
                       ("publish_s", "serialise+put s", ".3f"), ("sync_s", "pool.sync s", ".3f"),
                       ("ratio", "total / floor", ".2f")])
     print(md)
-    print(f"results: {write_results('weight_sync', {'repeats': args.repeats, 'rows': rows}, md)}")
+    name = f"weight_sync_lora{args.lora}" if args.lora else "weight_sync"
+    print(f"results: {write_results(name, {'repeats': args.repeats, 'lora': args.lora, 'rows': rows}, md)}")
     return 0
 
 

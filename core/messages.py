@@ -161,6 +161,19 @@ class WeightsHandle:
     num_bytes: int
     checksum: str
     """CRC-32 of the serialised blob ('crc32:<hex>'); generators check it so a torn transfer cannot be served."""
+    lora: LoRAVersion | None = None
+    """Set when the blob holds LoRA adapters alone (learner.lora_sync=adapter): each generator merges them into
+    the base model itself. None: the blob is the whole model."""
+
+
+@dataclass(frozen=True)
+class LoRAVersion:
+    """An adapter-only version: the blob holds `<module>.lora_A` / `<module>.lora_B` for every adapted layer, to be
+    merged as W + scale * B A (core.weights.merge_adapters) into the weights of the model folder BASE_PATH, the
+    learner's frozen base."""
+
+    base_path: str
+    scale: float
 
 
 @dataclass(frozen=True)

@@ -84,3 +84,29 @@ def deserialize_state_dict(blob, expected: str | None = None) -> dict[str, torch
             count = (b - a) // torch.empty((), dtype=dtype).element_size()
             out[k] = torch.frombuffer(view, dtype=dtype, count=count, offset=base + a).reshape(h["shape"])
     return out
+
+
+def lora_merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """A LoRA layer's plain weight, W + scale * (B @ A): the one formula the learner (merged publishing and
+    saving) and the generators (adapter publishing) both use, so both get the same bits from the same inputs."""
+    return weight + (b @ a) * scale
+
+
+def merge_adapters(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor],
+                   scale: float) -> dict[str, torch.Tensor]:
+    """BASE (a plain state dict) with every adapted layer's weight replaced by its merged weight. ADAPTERS holds
+    `<module>.lora_A` (r x in) and `<module>.lora_B` (out x r) per adapted module, as `Learner.publish` sends them;
+    raises ValueError when one names a weight BASE lacks or has the wrong shape for."""
+    out = dict(base)
+    for key in adapters:
+        if not key.endswith(".lora_A"):
+            continue
+        module = key[: -len(".lora_A")]
+        w = base.get(f"{module}.weight")
+        a, b = adapters[key], adapters.get(f"{module}.lora_B")
+        if w is None or b is None or tuple(w.shape) != (b.shape[0], a.shape[1]):
+            raise ValueError(f"adapter for {module!r} does not fit the base model "
+                             f"(base weight {None if w is None else tuple(w.shape)}, "
+                             f"A {tuple(a.shape)}, B {None if b is None else tuple(b.shape)})")
+        out[f"{module}.weight"] = lora_merge(w.to(a.dtype), a, b, scale)
+    return out

@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 
 from core.config import AlgoConfig, LearnerConfig  # plain dataclasses; no driver logic
-from core.messages import Group, TrainStats, WeightsHandle
+from core.messages import Group, LoRAVersion, TrainStats, WeightsHandle
 from core.weights import serialize_state_dict
 from learner import algos
 from learner.batch import Batch, collate, micro_batches
 from learner.forward import ValueModel, batch_logits
-from learner.lora import adapters_off, apply_lora, load_adapter, merged_state_dict, save_adapter
+from learner.lora import adapter_tensors, adapters_off, apply_lora, load_adapter, merged_state_dict, save_adapter
 
 log = logging.getLogger(__name__)
 AUTO_MISMATCH = 1e-3  # algo.old_logprobs=auto: mean |vLLM - learner| log-prob above which old log-probs are recomputed
@@ -118,6 +118,10 @@ class Learner:
         self._published_step: int | None = 0  # self.step when the generators' weights were put; None = unknown
         # generator.dtype: the generators' weights are published in it (vLLM would cast them on load anyway)
         self.publish_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[sampler_dtype]
+        # learner.lora_sync=adapter: versions carry the adapters alone; generators read the base from the model
+        # folder's safetensors files, so a folder without them gets merged versions
+        self._sync_adapters = self.lora and cfg.lora_sync == "adapter" and os.path.isdir(model_path) and any(
+            f.endswith(".safetensors") for f in os.listdir(model_path))
         # algo.old_logprobs=auto takes the sampler's log-probs while they are the learner's own numbers: float32
         # on both sides on CPU (bf16 anywhere rounds differently); a measured disagreement turns it off for good
         self._sampler_exact = self.device.type == "cpu" and not bf16 and self.publish_dtype == torch.float32
@@ -527,13 +531,18 @@ class Learner:
 
         self.version += 1
         self._published_step = self.step
-        state = merged_state_dict(self.policy) if self.lora else self.policy.state_dict()
-        if self.publish_dtype != torch.float32:
-            state = {k: v.to(self.publish_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        lora = None
+        if self._sync_adapters:  # float32 adapters; the generators merge them (and cast, as vLLM's loader does)
+            state = adapter_tensors(self.policy)
+            lora = LoRAVersion(base_path=os.path.abspath(self.model_path), scale=self.cfg.lora_alpha / self.cfg.lora_rank)
+        else:
+            state = merged_state_dict(self.policy) if self.lora else self.policy.state_dict()
+            if self.publish_dtype != torch.float32:
+                state = {k: v.to(self.publish_dtype) if v.is_floating_point() else v for k, v in state.items()}
         blob, checksum = serialize_state_dict(state, out=self._blob)
         ref = ray.put(blob)  # copies into the object store: the buffer is free to reuse next time
         self._blob = blob
-        return WeightsHandle(version=self.version, blob_ref=[ref], num_bytes=blob.nbytes, checksum=checksum)
+        return WeightsHandle(version=self.version, blob_ref=[ref], num_bytes=blob.nbytes, checksum=checksum, lora=lora)
 
     def save(self, out_dir: str, adapter_dir: str | None = None) -> str:
         """Write a plain Hugging Face folder (model + tokenizer) atomically; returns its path. With LoRA the

@@ -11,10 +11,13 @@ matrices are never computed. The base model with every adapter switched off (`ad
 frozen initial policy, so KL to the reference needs no second copy of the model (as TRL does with
 peft's `disable_adapter`).
 
-What leaves the learner is always a plain model: weights published to vLLM and the final model are
-merged, W + (alpha / r) B A, under the base model's own parameter names (`merged_state_dict`). The
-adapter alone is also written in PEFT's format (`save_adapter`: adapter_config.json +
-adapter_model.safetensors), which peft's `PeftModel.from_pretrained` and vLLM's LoRA support read.
+What vLLM serves and what is saved is always a plain model, W + (alpha / r) B A under the base model's own
+parameter names. Versions travel to the generators as the adapters alone (`adapter_tensors`, about 1/40 of the
+model at r = 8 on the 27M model) and each generator merges them into the base it read from disk, with the same
+formula (core.weights.lora_merge); `learner.lora_sync=merged` sends the merged model instead
+(`merged_state_dict`, also what the final model is). The adapter alone is also written in PEFT's format
+(`save_adapter`: adapter_config.json + adapter_model.safetensors), which peft's `PeftModel.from_pretrained` and
+vLLM's LoRA support read.
 
 Module layout follows peft's, so the names line up: a wrapped `q_proj` holds `base_layer`, `lora_A`
 and `lora_B` (peft adds an adapter name level, `lora_A.default`, which its saved files leave out,
@@ -29,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from core.weights import lora_merge
 
 ALL_LINEAR = "all-linear"
 PEFT_PREFIX = "base_model.model."  # how peft names a causal LM's modules in its saved adapters
@@ -53,7 +58,7 @@ class LoRALinear(torch.nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        return self.base_layer.weight + (self.lora_B.weight @ self.lora_A.weight) * self.scale
+        return lora_merge(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scale)
 
 
 def target_names(model: torch.nn.Module, targets: str) -> list[str]:
@@ -114,6 +119,16 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         out[k.replace(".base_layer.", ".")] = v
     for name, m in mods.items():
         out[f"{name}.weight"] = m.merged_weight()
+    return out
+
+
+def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained matrices as adapter-only publishing sends them: `<module>.lora_A` and `<module>.lora_B`, module
+    names as in the base model (core.weights.merge_adapters reads them)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A"] = m.lora_A.weight.detach()
+        out[f"{name}.lora_B"] = m.lora_B.weight.detach()
     return out
 
 

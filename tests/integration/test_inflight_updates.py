@@ -58,7 +58,7 @@ def _in_actor(actor, fn, *args):
 
 # ---------------------------------------------------------------- run inside the generator actor (g: Generator)
 def _load(g, blob, version, inflight=False):
-    return g._submit("update", (*blob, version, inflight, False))
+    return g._submit("update", (*blob, version, inflight, False, None))
 
 
 def _run(g, req):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import ray
 
@@ -9,9 +11,11 @@ from cluster.world import EOS, PAD
 from core.config import AlgoConfig, LearnerConfig
 from core.messages import Group
 from learner.actor import Learner
+from learner.lora import merged_state_dict
 from reward.builtin import reverse_partial
 
 pytestmark = pytest.mark.integration
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # helpers below run inside the learner actor
 
 
 def _groups(pool, prompts, n, seed):
@@ -100,3 +104,45 @@ def test_saved_model_is_a_folder_vllm_serves(generator_pool, learner, heldout_pr
         ray.kill(gen)
     want = ray.get(learner.greedy.remote([list(p.token_ids) for p in heldout_prompts[:16]], 8, EOS), timeout=120)
     assert [list(c.token_ids) for c in outs] == want
+
+
+def test_lora_adapters_alone_reach_the_generators_as_the_merged_model(generator_pool, heldout_prompts, world):
+    """learner.lora_sync=adapter: the version carries the adapters alone (a fraction of the model's bytes) and each
+    generator merges them into its base; the weights it then serves are bit for bit those of a merged version."""
+    pool = generator_pool
+    actor = ray.remote(Learner).options(num_cpus=1).remote(
+        world.model_path, AlgoConfig(), LearnerConfig(lr=5e-3, lora_rank=4, lora_alpha=8), 10, 0, PAD)
+    try:
+        merged_bytes = ray.get(actor.__ray_call__.remote(
+            lambda self: sum(t.numel() * 4 for t in merged_state_dict(self.policy).values())), timeout=60)
+        for step in range(2):
+            ray.get(actor.train_step.remote(_groups(pool, heldout_prompts[:16], 8, 200 + step)), timeout=120)
+
+        adapters = ray.get(actor.publish.remote(), timeout=60)
+        assert adapters.lora is not None and adapters.num_bytes < merged_bytes / 5
+        pool.sync(adapters)
+        from_adapters = pool.fingerprints()
+        assert len(set(from_adapters.values())) == 1
+
+        ray.get(actor.__ray_call__.remote(lambda self: setattr(self, "_sync_adapters", False)), timeout=60)
+        merged = ray.get(actor.publish.remote(), timeout=60)
+        assert merged.lora is None and merged.num_bytes >= merged_bytes
+        pool.sync(merged)
+        assert pool.fingerprints() == from_adapters
+
+        # not vacuous: the trained adapters moved the weights away from the base (B starts at 0)
+        ray.get(actor.__ray_call__.remote(_zero_adapters), timeout=60)
+        pool.sync(ray.get(actor.publish.remote(), timeout=60))
+        assert set(pool.fingerprints().values()).isdisjoint(from_adapters.values())
+    finally:
+        ray.kill(actor)
+
+
+def _zero_adapters(learner) -> None:
+    import torch
+
+    from learner.lora import lora_modules
+
+    with torch.no_grad():
+        for m in lora_modules(learner.policy).values():
+            m.lora_B.weight.zero_()

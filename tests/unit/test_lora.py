@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from learner.lora import (LoRALinear, adapter_state_dict, adapters_off, apply_lora, load_adapter, merged_state_dict,
-                          save_adapter, target_names)
+from core.weights import merge_adapters
+from learner.lora import (LoRALinear, adapter_state_dict, adapter_tensors, adapters_off, apply_lora, load_adapter,
+                          merged_state_dict, save_adapter, target_names)
 
 
 def test_adapted_layer_and_its_merged_weight_by_hand():
@@ -83,6 +84,34 @@ def test_merged_weights_are_the_adapted_model_and_adapters_off_is_the_base():
     with adapters_off(m):
         assert torch.equal(m(IDS).logits, base(IDS).logits)
     torch.testing.assert_close(m(IDS).logits, adapted, atol=0, rtol=0)  # back on after the block
+
+
+def test_adapters_alone_merge_into_the_base_as_the_learner_merges_them():
+    """learner.lora_sync=adapter: what a generator computes from the base's state dict and the published adapters
+    is bit for bit the learner's merged model, including a target list that adapts part of a fused q/k/v."""
+    base, m = _tiny(), _tiny()
+    apply_lora(m, r=4, alpha=8, targets="q_proj,v_proj,down_proj")
+    _nudged(m)
+    sent = adapter_tensors(m)
+    assert sorted(sent)[:2] == ["model.layers.0.mlp.down_proj.lora_A", "model.layers.0.mlp.down_proj.lora_B"]
+    got = merge_adapters(base.state_dict(), sent, scale=8 / 4)
+    want = merged_state_dict(m)
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["model.layers.1.self_attn.v_proj.weight"], base.state_dict()["model.layers.1.self_attn.v_proj.weight"])
+
+
+def test_merge_by_hand_and_an_adapter_that_does_not_fit_is_refused():
+    base = {"l.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "n.weight": torch.tensor([7.0])}
+    adapters = {"l.lora_A": torch.tensor([[1.0, 1.0]]), "l.lora_B": torch.tensor([[0.5], [-1.0]])}
+    out = merge_adapters(base, adapters, scale=2.0)
+    # W + 2 B A = [[1 + 1, 2 + 1], [3 - 2, 4 - 2]]; the layer without an adapter is passed through
+    assert out["l.weight"].tolist() == [[2.0, 3.0], [1.0, 2.0]]
+    assert out["n.weight"] is base["n.weight"]
+    with pytest.raises(ValueError, match="'l' does not fit"):
+        merge_adapters(base, {"l.lora_A": torch.ones(1, 3), "l.lora_B": torch.ones(2, 1)}, scale=1.0)
+    with pytest.raises(ValueError, match="'m' does not fit"):
+        merge_adapters(base, {"m.lora_A": torch.ones(1, 2), "m.lora_B": torch.ones(2, 1)}, scale=1.0)
 
 
 def test_peft_folder_round_trips_through_peft_and_back(tmp_path):
