@@ -8,7 +8,7 @@ from bench import algos, async_sync, data_parallel, generation, learner_step, lo
 def main() -> int:
     for bench, argv in ((learner_step, []), (learner_step, ["--estimator", "ppo"]), (learner_step, ["--lora", "8"]),
                         (data_parallel, []),
-                        (weight_sync, []),
+                        (weight_sync, []), (weight_sync, ["--sizes", "medium", "--lora", "8"]),
                         (generation, []), (async_sync, []), (long_tail, []), (algos, [])):
         rc = bench.main(argv)
         if rc:

@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lora", type=int, default=0, metavar="R",
                    help="also a LoRA learner of rank R publishing merged weights and adapters alone (learner.lora_sync)")
+    p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
 
     import ray
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("ratio", "total / floor", ".2f")])
     print(md)
     name = f"weight_sync_lora{args.lora}" if args.lora else "weight_sync"
-    print(f"results: {write_results(name, {'repeats': args.repeats, 'lora': args.lora, 'rows': rows}, md)}")
+    print(f"results: {write_results(name, {'repeats': args.repeats, 'lora': args.lora, 'rows': rows}, md, args.results_dir)}")
     return 0
 
 

@@ -74,6 +74,22 @@ def test_learner_step_bench_lora_tiny_budget(tmp_path):
         assert r["adam_mb"] == pytest.approx(2 * 4 * r["trainable_m"] * 1e6 / 2**20, rel=1e-6)
 
 
+def test_weight_sync_bench_lora_tiny_budget(tmp_path):
+    """bench/weight_sync.py --lora: the floor, the whole model, and a LoRA learner publishing merged weights and
+    adapters alone to one generator, tiny shape, one timed sync each."""
+    out = subprocess.run([sys.executable, "-m", "bench.weight_sync", "--sizes", "tiny", "--generators", "1",
+                          "--repeats", "1", "--lora", "4", "--results-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {r["sent"]: r for r in json.loads((tmp_path / "weight_sync_lora4.json").read_text())["rows"]}
+    assert set(rows) == {"whole model", "LoRA r=4, merged", "LoRA r=4, adapter"}
+    assert rows["LoRA r=4, merged"]["mib"] == pytest.approx(rows["whole model"]["mib"], rel=1e-3)
+    # r (in + out) numbers per adapted layer against in x out: a few % of the model
+    assert rows["LoRA r=4, adapter"]["mib"] < rows["whole model"]["mib"] / 10
+    assert all(r["floor_s"] > 0 and r["publish_s"] > 0 and r["sync_s"] > 0 for r in rows.values())
+    assert "| LoRA r=4, adapter |" in (tmp_path / "weight_sync_lora4.md").read_text()
+
+
 def test_data_parallel_bench_tiny_budget(tmp_path):
     """bench/data_parallel.py: one learner rank with 2 threads against two with 1 (real actors, gloo), tiny shape,
     4 prompts, one timed update each."""
