@@ -328,7 +328,8 @@ class LearnerConfig:
         "adapter", "How a LoRA policy's versions reach the generators: adapter sends the adapters alone and each "
         "generator merges them into the base model it reads from the model folder (safetensors), so a version moves "
         "about 2 r (in + out) numbers per adapted layer instead of the whole model; merged sends the merged model. "
-        "Both serve the same weights. A model folder without safetensors files is always sent merged.")
+        "Both serve the same weights; adapter costs each generator one copy of the base weights in host memory. A "
+        "model folder without safetensors files is always sent merged.")
     num_cpus: float = _f(1.0, "Ray CPUs reserved per learner rank.", positive)
     num_gpus: float = _f(0.0, "Ray GPUs reserved per learner rank.", non_negative)
     resources: str = _f("", _RESOURCES_HELP, _resources_check)
