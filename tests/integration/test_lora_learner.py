@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from cluster.world import PAD
 from core.config import AlgoConfig, LearnerConfig
-from core.weights import deserialize_state_dict
+from core.weights import deserialize_state_dict, merge_adapters
 from learner.actor import Learner
 from learner.batch import collate
 from tests.integration.test_learner_algos import G, _groups
@@ -70,10 +70,19 @@ def test_lora_trains_only_adapters_and_every_output_is_the_adapted_model(world, 
     # what the generators get: plain weights under the model's own names, giving the LoRA policy's log-probs
     import ray  # ray_session's: publish puts the blob in its object store
 
+    # learner.lora_sync=adapter (default): the adapters alone, which a generator merges into its base
     handle = learner.publish()
-    blob = ray.get(handle.blob_ref[0])
+    assert handle.lora is not None and handle.lora.scale == LORA["lora_alpha"] / LORA["lora_rank"]
+    published = AutoModelForCausalLM.from_pretrained(handle.lora.base_path, dtype=torch.float32).eval()
+    adapters = deserialize_state_dict(ray.get(handle.blob_ref[0]), handle.checksum)
+    published.load_state_dict(merge_adapters(published.state_dict(), adapters, handle.lora.scale))
+    torch.testing.assert_close(_logp(published, batch), mine, atol=1e-5, rtol=0)
+    # learner.lora_sync=merged: the merged model itself
+    learner._sync_adapters = False
+    handle = learner.publish()
+    assert handle.lora is None
     published = AutoModelForCausalLM.from_pretrained(world.model_path, dtype=torch.float32).eval()
-    published.load_state_dict(deserialize_state_dict(blob, handle.checksum))
+    published.load_state_dict(deserialize_state_dict(ray.get(handle.blob_ref[0]), handle.checksum))
     torch.testing.assert_close(_logp(published, batch), mine, atol=1e-5, rtol=0)
 
     # final_model (transformers loads it) and final_adapter (peft applies it to the base): the same policy
