@@ -134,11 +134,7 @@ def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained matrices under peft's saved names (`base_model.model.<module>.lora_A.weight`)."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
-    return out
+    return {f"{PEFT_PREFIX}{k}.weight": v.contiguous() for k, v in adapter_tensors(model).items()}
 
 
 def save_adapter(model: torch.nn.Module, out_dir: str | Path, base_model: str, r: int, alpha: float) -> None:
