@@ -105,6 +105,8 @@ class Generator:
         self.startup_seconds = time.monotonic() - t0
         self.generated_tokens = 0
         self.updates_in_flight = 0  # updates that landed while requests were in the engine (inflight)
+        self.env_failures = 0  # multi-turn environment steps that failed (actors/env.py)
+        self._envs: dict = {}  # loaded environment functions, by import path
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._calls = itertools.count()  # next() is atomic: Ray runs generate calls in several threads
         self._failed: BaseException | None = None
@@ -115,6 +117,7 @@ class Generator:
 
         return {"name": self.name, "version": self.version, "startup_seconds": self.startup_seconds,
                 "generated_tokens": self.generated_tokens, "updates_in_flight": self.updates_in_flight,
+                "env_failures": self.env_failures,
                 "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     # ------------------------------------------------------------------ the engine thread
@@ -204,8 +207,60 @@ class Generator:
 
     # ------------------------------------------------------------------ Ray calls
     def generate(self, req: GenerateRequest) -> list[Completion]:
-        """The request's new prompts (n samples each, in prompt order), then its continuations, in order."""
-        return self.completions(req, self.submit_generate(req).result())
+        """The request's new prompts (n samples each, in prompt order), then its continuations, in order. With
+        an environment (req.env) each is a whole multi-turn episode (`_episodes`)."""
+        out = self.completions(req, self.submit_generate(req).result())
+        return out if req.env is None else self._episodes(req, out)
+
+    def _episodes(self, req: GenerateRequest, out: list[Completion]) -> list[Completion]:
+        """Multi-turn: while a sample's turn ended on its own (finish_reason stop) with turns and tokens to spare,
+        ask the environment (actors/env.py) for its reply, append the reply's tokens (loss_mask 0, log-prob 0.0)
+        and continue the sample from there as a new vLLM request, seeded by its slot and length like a partial
+        rollout's continuation. All samples still going take their next turn together, so the engine batches
+        them; this runs in the Ray call's thread, and the engine keeps serving other calls meanwhile."""
+        from dataclasses import replace
+
+        from actors.env import load_env, step_all
+        from core.messages import Continuation
+
+        env = req.env
+        fn = self._envs.get(env.function) or self._envs.setdefault(env.function, load_env(env))
+        tok = self.llm.get_tokenizer()
+        slot = [j for _ in req.prompts for j in range(req.n)] + [k.index for k in req.continuations]
+        live = list(range(len(out)))
+        while live:
+            asking = [i for i in live if out[i].finish_reason == "stop" and out[i].turns < env.max_turns
+                      and len(out[i].token_ids) < req.max_new_tokens]
+            conts: list[Continuation] = []
+            going: list[int] = []
+            for i, (reply, failure) in zip(asking, step_all(fn, [out[i] for i in asking], env.step_timeout_s)):
+                c = out[i]
+                if failure:
+                    self.env_failures += 1
+                    out[i] = replace(c, env_failure=failure)
+                    continue
+                if reply is None:  # the environment ended the episode
+                    continue
+                ids = tuple(tok(reply, add_special_tokens=False)["input_ids"])
+                if len(c.token_ids) + len(ids) >= req.max_new_tokens:  # no room left for the model to answer
+                    out[i] = replace(c, finish_reason="length")
+                    continue
+                n = len(c.token_ids)
+                conts.append(Continuation(replace(
+                    c, token_ids=c.token_ids + ids, logprobs=c.logprobs + (0.0,) * len(ids),
+                    loss_mask=(c.loss_mask or (1,) * n) + (0,) * len(ids), turns=c.turns + 1,
+                    # reply tokens carry the version of the turn they answer: they sample nothing
+                    token_versions=(c.token_versions or (c.policy_version,) * n)
+                    + ((c.token_versions or (c.policy_version,))[-1],) * len(ids)),
+                    slot[i]))
+                going.append(i)
+            if not conts:
+                break
+            nxt = GenerateRequest((), 1, req.temperature, req.max_new_tokens, seed=req.seed, continuations=tuple(conts))
+            for i, c in zip(going, self.completions(nxt, self.submit_generate(nxt).result())):
+                out[i] = c
+            live = going
+        return out
 
     def submit_generate(self, req: GenerateRequest) -> Future:
         """Hand a request's vLLM requests to the engine thread; the future gives `completions` its outputs."""
@@ -251,7 +306,8 @@ class Generator:
                 # the whole sample decoded at once: chunk texts may not join at a multi-byte character
                 text=self.llm.get_tokenizer().decode(list(all_ids), skip_special_tokens=True),
                 finish_reason=reason, policy_version=s.policy_version, generator=self.name,
-                token_versions=(s.token_versions or (s.policy_version,) * len(s.token_ids)) + versions))
+                token_versions=(s.token_versions or (s.policy_version,) * len(s.token_ids)) + versions,
+                loss_mask=s.loss_mask + (1,) * len(ids_) if s.loss_mask else (), turns=s.turns))
         return out
 
     def _sampled(self, o) -> tuple[tuple[int, ...], tuple[float, ...], str, tuple[int, ...]]:

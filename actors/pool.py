@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.generator import ACTOR_CONCURRENCY, EngineSettings, Generator, engine_env
-from core.messages import Completion, GenerateRequest, Prompt, WeightsHandle
+from core.messages import Completion, EnvSpec, GenerateRequest, Prompt, WeightsHandle
 
 
 class GenerationFailed(RuntimeError):
@@ -221,9 +221,9 @@ class GeneratorPool:
             time.sleep(0.05)
 
     def generate(self, prompts: list[Prompt], n: int, temperature: float, max_new_tokens: int,
-                 seed: int | None) -> list[Completion]:
+                 seed: int | None, env: EnvSpec | None = None) -> list[Completion]:
         """Blocking: completions for every prompt (n each), in prompt order, whatever generators fail on
-        the way (their prompts go to the others or to replacements)."""
+        the way (their prompts go to the others or to replacements). ENV: whole multi-turn episodes."""
         pending = list(prompts)
         results: dict[int, list[Completion]] = {}
         while pending:
@@ -233,7 +233,7 @@ class GeneratorPool:
             for i, name in enumerate(names):
                 chunk = pending[i::len(names)]
                 if chunk:
-                    req = GenerateRequest(tuple(chunk), n, temperature, max_new_tokens, seed)
+                    req = GenerateRequest(tuple(chunk), n, temperature, max_new_tokens, seed, env=env)
                     self.load[name] += 1
                     calls.append((name, self.actors[name].generate.remote(req), chunk))
             pending = []

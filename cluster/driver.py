@@ -29,7 +29,7 @@ import yaml
 from cluster.control import NAMESPACE, client_auth_env
 from cluster.learners import LearnerGroup, RankDied
 from core.config import Config, ConfigError, parse_resources, to_dict
-from core.messages import Prompt
+from core.messages import EnvSpec, Prompt
 
 
 class PromptStream:
@@ -114,6 +114,15 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
 
     t_start = time.monotonic()
     check_source(cfg.reward)  # a bad import path (function or component) fails before anything starts
+    env = None
+    if cfg.rollout.env:
+        from actors.env import load_env
+
+        try:
+            load_env(cfg.rollout.env)  # likewise for the environment
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        env = EnvSpec(cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s)
     run_dir = Path(cfg.run_dir) / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -162,13 +171,13 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                       max_new_tokens=cfg.generator.max_new_tokens, seed=cfg.seed,
                       prompts_per_request=ro.prompts_per_request, max_inflight_per_generator=ro.max_inflight_per_generator,
                       call_timeout_s=to.generate_s, acct=acct, reward_cfg=cfg.reward,
-                      chunk_tokens=ro.partial_rollout_tokens, log=log)
+                      chunk_tokens=ro.partial_rollout_tokens, env=env, log=log)
     loop = _Loop(cfg, pool, rollout, stream, learners, control, log, run_dir)
     ks = tuple(sorted({1, cfg.eval_pass_k})) if cfg.eval_samples else ()
 
     def evaluate_now() -> dict[str, float]:
         return evaluate(pool, rewards, heldout, cfg.generator.max_new_tokens, cfg.eval_correct_threshold,
-                        cfg.eval_samples, ks)
+                        cfg.eval_samples, ks, env)
     try:
         learners.join(to.startup_s)
         if saved:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from math import comb
 
-from core.messages import Prompt
+from core.messages import EnvSpec, Prompt
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -30,13 +30,18 @@ def _correct(rewards, completions, threshold: float) -> list[bool]:
 
 
 def evaluate(pool, rewards, prompts: list[Prompt], max_new_tokens: int, threshold: float = 1.0,
-             samples: int = 0, ks: tuple[int, ...] = ()) -> dict[str, float]:
-    """{'eval/heldout_accuracy': greedy accuracy, 'eval/pass@k': ...} on the current generators."""
-    greedy = pool.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+             samples: int = 0, ks: tuple[int, ...] = (), env: EnvSpec | None = None) -> dict[str, float]:
+    """{'eval/heldout_accuracy': greedy accuracy, 'eval/pass@k': ...} on the current generators. With ENV, each
+    completion is a whole multi-turn episode, judged by the reward as in training; 'eval/turns_mean' is the
+    greedy episodes' mean number of model turns."""
+    greedy = pool.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0, env=env)
     ok = _correct(rewards, greedy, threshold)
     out = {"eval/heldout_accuracy": sum(ok) / max(len(ok), 1)}
+    if env is not None:
+        out["eval/turns_mean"] = sum(c.turns for c in greedy) / max(len(greedy), 1)
     if samples:
-        sampled = pool.generate(prompts, n=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=12345)
+        sampled = pool.generate(prompts, n=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=12345,
+                                env=env)
         ok = _correct(rewards, sampled, threshold)
         counts = [sum(ok[i:i + samples]) for i in range(0, len(ok), samples)]
         for k in ks:

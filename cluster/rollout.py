@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError
 
-from core.messages import Completion, Continuation, GenerateRequest, Group, Prompt, ScoreResult
+from core.messages import Completion, Continuation, EnvSpec, GenerateRequest, Group, Prompt, ScoreResult
 from reward.policy import RewardSourceFailed, apply_failure_policy, check_failure_budget, failure_log_lines
 
 
@@ -36,6 +36,7 @@ class Accounting:
     dropped: dict[int, str] = field(default_factory=dict)
     reward_failures: Counter = field(default_factory=Counter)
     duplicates: int = 0  # a prompt trained or dropped twice: a bug, reported rather than hidden
+    env_failures: Counter = field(default_factory=Counter)  # multi-turn environment steps that failed, by reason
 
     def draw(self, uid: int) -> None:
         if uid in self.drawn:
@@ -55,29 +56,45 @@ class Accounting:
     def state(self) -> dict:
         return {"drawn": sorted(self.drawn), "trained": sorted(self.trained),
                 "dropped": {str(k): v for k, v in self.dropped.items()}, "reward_failures": dict(self.reward_failures),
-                "duplicates": self.duplicates}
+                "duplicates": self.duplicates, "env_failures": dict(self.env_failures)}
 
     @classmethod
     def from_state(cls, st: dict) -> "Accounting":
         return cls(set(st["drawn"]), set(st["trained"]), {int(k): v for k, v in st["dropped"].items()},
-                   Counter(st["reward_failures"]), st["duplicates"])
+                   Counter(st["reward_failures"]), st["duplicates"], Counter(st.get("env_failures", {})))
 
     def as_dict(self) -> dict:
         return {"prompts_drawn": len(self.drawn), "prompts_trained": len(self.trained),
                 "prompts_dropped": dict(Counter(self.dropped.values())),
                 "prompts_unaccounted": len(self.drawn - self.trained - set(self.dropped)),
-                "duplicates": self.duplicates, "reward_failures": dict(self.reward_failures)}
+                "duplicates": self.duplicates, "reward_failures": dict(self.reward_failures),
+                "env_failures": dict(self.env_failures)}
+
+
+ENV_BUDGET_MIN_GROUPS = 16  # groups generated before the environment's failure budget is judged
+
+
+class EnvironmentFailed(RuntimeError):
+    """A multi-turn environment failed on most of one request's groups: the job stops rather than train on
+    what is left."""
 
 
 def assemble(completions: list[Completion], scores: ScoreResult, group_size: int, acct: Accounting) -> list[Group]:
     """Group completions by prompt; a group with any unscorable sample is dropped whole (group-relative
-    estimators need every member's score) and counted, never trained on with a made-up score."""
+    estimators need every member's score) and counted, never trained on with a made-up score. So is a group
+    with an episode its environment failed in (multi-turn): that episode ended early for a reason of the
+    environment's, not the model's."""
     for f in scores.failures:
         acct.reward_failures[f.reason] += 1
     groups = []
     for start in range(0, len(completions), group_size):
         members = completions[start:start + group_size]
         s = scores.scores[start:start + group_size]
+        failed = [m.env_failure.split(":", 1)[0] for m in members if m.env_failure]
+        acct.env_failures.update(failed)
+        if failed:
+            acct.drop(members[0].prompt.uid, "env_failed")
+            continue
         if any(x is None for x in s):
             acct.drop(members[0].prompt.uid, "reward_failed")
             continue
@@ -96,13 +113,16 @@ class _Request:
 class Rollout:
     def __init__(self, pool, rewards, *, group_size: int, temperature: float, max_new_tokens: int, seed: int,
                  prompts_per_request: int, max_inflight_per_generator: int, call_timeout_s: float,
-                 acct: Accounting, reward_cfg, chunk_tokens: int = 0, log=print):
+                 acct: Accounting, reward_cfg, chunk_tokens: int = 0, env: EnvSpec | None = None, log=print):
         self.pool, self.rewards, self.acct, self.log = pool, rewards, acct, log
         self.group_size, self.temperature, self.max_new_tokens, self.seed = group_size, temperature, max_new_tokens, seed
         self.prompts_per_request, self.max_inflight = prompts_per_request, max_inflight_per_generator
         self.call_timeout_s = call_timeout_s
         self.reward_cfg = reward_cfg
         self.chunk_tokens = chunk_tokens if 0 < chunk_tokens < max_new_tokens else 0
+        self.env = env  # multi-turn: every request's samples are whole episodes (actors/generator.py)
+        self.env_groups = [0, 0]  # multi-turn: groups generated, and dropped for an environment failure
+        self.env_last_failure = ""
         self.scored: list[ScoreResult] = []  # this step's scored batches (reward component means)
         self.todo: deque[Prompt] = deque()
         self.inflight: dict[ray.ObjectRef, _Request] = {}
@@ -164,7 +184,7 @@ class Rollout:
             size = self.prompts_per_request or -(-len(self.todo) // free)
             chunk = tuple(self.todo.popleft() for _ in range(min(size, len(self.todo))))
             req = GenerateRequest(chunk, self.group_size, self.temperature, self.max_new_tokens, seed=self.seed,
-                                  continuations=conts, chunk_tokens=self.chunk_tokens)
+                                  continuations=conts, chunk_tokens=self.chunk_tokens, env=self.env)
             sent = self.pool.submit(req, max_load=self.max_inflight)
             if sent is None:
                 self.todo.extendleft(reversed(chunk))
@@ -194,8 +214,9 @@ class Rollout:
 
     def _accept(self, req: _Request, completions: list[Completion]) -> None:
         """A request's completions: queue the unfinished ones, score and buffer every group now complete."""
-        self.generated_tokens += (sum(len(c.token_ids) for c in completions)
-                                  - sum(len(k.sample.token_ids) for k in req.continuations))
+        # the model's own tokens (multi-turn: not the environment's replies)
+        self.generated_tokens += (sum(c.model_tokens for c in completions)
+                                  - sum(k.sample.model_tokens for k in req.continuations))
         self.continued += len(req.continuations)
         completions = self._finished(req, completions)
         if not completions:
@@ -209,8 +230,25 @@ class Rollout:
         check_failure_budget(scores, self.reward_cfg.max_failure_fraction)
         scores = apply_failure_policy(scores, self.reward_cfg.on_failure, self.reward_cfg.failure_penalty)
         self.scored.append(scores)
+        env_failed = [c.env_failure for c in completions if c.env_failure]
+        if env_failed:
+            self.env_last_failure = env_failed[-1]
+            self.log(f"[env] {len(env_failed)} of {len(completions)} episodes ended by an environment failure "
+                     f"(their groups are dropped); first: {env_failed[0]}")
         groups = assemble(completions, scores, self.group_size, self.acct)
-        whole = len(completions) // self.group_size  # groups this request completed
+        G = self.group_size
+        whole = len(completions) // G  # groups this request completed
+        env_dropped = sum(any(c.env_failure for c in completions[s:s + G]) for s in range(0, len(completions), G))
+        self.env_groups[0] += whole
+        self.env_groups[1] += env_dropped
+        seen, lost = self.env_groups
+        # over the run so far, not per request: a request may hold only a couple of groups
+        if seen >= ENV_BUDGET_MIN_GROUPS and lost > seen * self.reward_cfg.max_failure_fraction:
+            raise EnvironmentFailed(
+                f"environment failures dropped {lost} of the {seen} groups generated so far "
+                f"(reward.max_failure_fraction={self.reward_cfg.max_failure_fraction} bounds these too; failures "
+                f"{dict(self.acct.env_failures)}); refusing to train on what is left. Latest: {env_failed[0] if env_failed else self.env_last_failure}")
+        whole -= env_dropped
         if whole - len(groups) > whole * self.reward_cfg.max_failure_fraction:
             # the per-sample budget passed, but failures spread over groups left too few whole groups
             raise RewardSourceFailed(

@@ -208,6 +208,12 @@ class RolloutConfig:
     verify_sync: bool = _f(False, "After every weight sync, check all generators hold bit-identical weights "
                                   "(costs one hash of the weights per generator).")
     max_generator_restarts: int = _f(8, "Generator failures tolerated per job before it stops.", non_negative)
+    env: str = _f("", "Multi-turn episodes: an environment function 'module:function', called after each model turn "
+                      "as f(prompt, completion, answer, turn) -> text to append (not trained on), or None to end the "
+                      "episode (actors/env.py; built in: envs.builtin:reverse_hint). Empty = one turn. "
+                      "generator.max_new_tokens bounds the whole episode, model and environment tokens together.",
+                  lambda v: None if not v or ":" in v else f"must be 'module:function', got {v!r}")
+    max_turns: int = _f(3, "Multi-turn (rollout.env set): most model turns per episode.", positive)
 
 
 @dataclass
@@ -359,6 +365,8 @@ class TimeoutConfig:
     reward_s: float = _f(60.0, "One reward batch.", positive)
     train_s: float = _f(600.0, "One learner update.", positive)
     sync_s: float = _f(120.0, "One weight sync.", positive)
+    env_step_s: float = _f(10.0, "Multi-turn: one environment step (for all of a request's episodes at once); an "
+                                 "episode whose step misses it ends, and its group is dropped (env_failed).", positive)
 
 
 @dataclass
@@ -529,6 +537,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"rollout.partial_rollout_tokens: must be < generator.max_new_tokens "
                           f"({cfg.generator.max_new_tokens}; 0 turns partial rollouts off), "
                           f"got {cfg.rollout.partial_rollout_tokens}")
+    if cfg.rollout.env and cfg.rollout.partial_rollout_tokens:
+        raise ConfigError("rollout.partial_rollout_tokens: partial rollouts do not combine with multi-turn episodes "
+                          "(rollout.env); set one of them to its default")
+    if cfg.rollout.env and cfg.rollout.max_turns < 2:
+        raise ConfigError(f"rollout.max_turns: a multi-turn environment (rollout.env) needs at least 2 turns, got "
+                          f"{cfg.rollout.max_turns}")
     if cfg.task.max_word_length and cfg.task.max_word_length <= cfg.task.word_length:
         raise ConfigError(f"task.max_word_length: must be > task.word_length ({cfg.task.word_length}; 0 = fixed "
                           f"length), got {cfg.task.max_word_length}")

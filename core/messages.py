@@ -47,6 +47,21 @@ class GenerateRequest:
     """Partial rollouts: generate at most this many tokens of any sample in this request (0 = whole samples,
     up to max_new_tokens). A sample cut short comes back with finish_reason "length" and fewer than
     max_new_tokens tokens (`Completion.unfinished`); the rollout sends it again as a `Continuation`."""
+    env: EnvSpec | None = None
+    """Multi-turn episodes: after each model turn the generator asks this environment for its reply, appends it
+    (not trained on) and lets the model go on, until the environment ends the episode, `max_turns` model turns
+    or `max_new_tokens` tokens (model and environment together). None: one turn."""
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """A multi-turn environment: `function` ('module:function') is called after each model turn as
+    `function(prompt=..., completion=..., answer=..., turn=...)` and returns the text to append, or None to end
+    the episode (actors/env.py)."""
+
+    function: str
+    max_turns: int
+    step_timeout_s: float
 
 
 _MASK64 = (1 << 64) - 1
@@ -91,6 +106,19 @@ class Completion:
     token_versions: tuple[int, ...] = ()
     """Partial rollouts: the version that sampled each token (same length as token_ids). Empty: every token
     was sampled by policy_version."""
+    loss_mask: tuple[int, ...] = ()
+    """Multi-turn episodes: 1 for a token the model sampled (trained on), 0 for one the environment wrote (its
+    log-prob is a placeholder 0.0). Same length as token_ids. Empty: every token is the model's."""
+    turns: int = 1
+    """Model turns in this completion (multi-turn episodes; 1 otherwise)."""
+    env_failure: str = ""
+    """Multi-turn: why the environment could not answer ('timeout: ...', 'exception: ...', 'type: ...'); the
+    episode ended there and its group is dropped (reason env_failed), never trained on. Empty: no failure."""
+
+    @property
+    def model_tokens(self) -> int:
+        """Tokens the model sampled (all of token_ids, less any the environment wrote)."""
+        return sum(self.loss_mask) if self.loss_mask else len(self.token_ids)
 
     def unfinished(self, max_new_tokens: int) -> bool:
         """Cut short by a partial-rollout chunk: neither stopped nor at the sample's token budget."""

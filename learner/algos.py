@@ -205,7 +205,9 @@ def gae(token_rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, gamma: flo
 
     token_rewards_BT, values_BT, mask_BT: (B, T) -> (advantages_BT, returns_BT), both (B, T),
     0 at masked positions and detached (they are regression / policy targets).
-    The value after the last valid token is 0 (the episode ends there).
+    The value after the last valid token is 0 (the episode ends there). Masked positions inside a row (tokens
+    an environment wrote between two model turns) are skipped, not treated as an end: t+1 below is the next
+    VALID position, so a turn's last token bootstraps from the first token of the model's next turn.
     # delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
     # A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}
     # R_t     = A_t + V_t
@@ -221,7 +223,10 @@ def gae(token_rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, gamma: flo
         delta = r[..., t] + gamma * next_v * next_m - v[..., t]
         a_t = (delta + gamma * lam * next_m * next_a) * m[..., t]
         adv[..., t] = a_t
-        next_v, next_a, next_m = v[..., t], a_t, m[..., t]
+        keep = valid[..., t]  # a masked position passes the next valid one's value and advantage on
+        next_v = torch.where(keep, v[..., t], next_v)
+        next_a = torch.where(keep, a_t, next_a)
+        next_m = torch.where(keep, m[..., t], next_m)
     returns = torch.where(valid, adv + v, 0)
     return adv, returns
 

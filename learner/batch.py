@@ -3,7 +3,8 @@
 Layout (stated once, used everywhere): each row is `prompt + completion`, RIGHT-padded with
 `pad_id`. Log-prob tensors are aligned with `input_ids[:, 1:]` (position t holds the log-prob of
 token t+1 given tokens <= t), so they are (B, W-1). `mask` (B, W-1) is 1 exactly where that
-target token is a completion token (trained on) and 0 on prompt tokens and padding.
+target token is a completion token the model sampled (trained on) and 0 on prompt tokens, padding and, in
+multi-turn episodes, the tokens an environment wrote between the model's turns (`Completion.loss_mask`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from core.messages import Group
 class Batch:
     input_ids: torch.Tensor       # (B, W) long, right-padded
     attention_mask: torch.Tensor  # (B, W) 1 = real token
-    mask: torch.Tensor            # (B, W-1) float, 1 = completion token trained on
+    mask: torch.Tensor            # (B, W-1) float, 1 = completion token the model sampled (trained on)
     sampler_logp: torch.Tensor    # (B, W-1) float, vLLM's log-probs at masked positions, 0 elsewhere
     rewards_PG: torch.Tensor      # (P, G) float
     versions: torch.Tensor        # (B,) long, policy version that sampled each row
@@ -48,8 +49,10 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
             plen.append(len(p))
             gid.append(gi)
             seqs.append(p + list(c.token_ids))
-            # target index j (predicting token j+1) is a completion token iff j+1 >= len(p)
-            masks.append([0.0] * (len(p) - 1) + [1.0] * len(c.token_ids))
+            # target index j (predicting token j+1) is a completion token iff j+1 >= len(p); of those, tokens an
+            # environment wrote (multi-turn, loss_mask 0) are not trained on
+            masks.append([0.0] * (len(p) - 1) + ([float(x) for x in c.loss_mask] if c.loss_mask
+                                                 else [1.0] * len(c.token_ids)))
             lps.append([0.0] * (len(p) - 1) + list(c.logprobs))
             versions.append(c.policy_version)
     width = max(len(s) for s in seqs)

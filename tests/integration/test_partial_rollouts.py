@@ -9,24 +9,13 @@ import json
 import pytest
 import ray
 
-from core.messages import Continuation, GenerateRequest, WeightsHandle
+from core.messages import Continuation, GenerateRequest
 from tests._jobs import Job, check_accounting, small_job
+from tests._weights import checkpoint_handle as _handle
 
 pytestmark = pytest.mark.integration
 
 MAX_NEW, CHUNK = 8, 2
-
-
-def _handle(model_path: str, version: int) -> WeightsHandle:
-    """The checkpoint's own weights published as VERSION (what a learner's publish() sends)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from core.weights import serialize_state_dict
-
-    sd = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).state_dict()
-    blob, crc = serialize_state_dict(sd)
-    return WeightsHandle(version=version, blob_ref=[ray.put(blob)], num_bytes=blob.nbytes, checksum=crc)
 
 
 def _chunked(pool, prompts, temperature, seed, between=lambda rnd: None):

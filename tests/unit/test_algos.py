@@ -182,6 +182,20 @@ def test_gae_by_hand():
     close(ret, [[0.71712, 0.846, 1.0, 0], [2.0, 0, 0, 0]])
 
 
+def test_gae_skips_environment_tokens_between_turns():
+    # multi-turn row: model tokens at 0, 1 and 4; positions 2-3 are an environment's reply (mask 0, garbage in
+    # r and v there). GAE runs over the model's tokens as if the reply were not there:
+    g, lam = 0.9, 0.8
+    r = t([[0, 0, BIG, BIG, 1]])
+    v = t([[0.5, 0.6, NAN, BIG, 0.7]])
+    m = t([[1, 1, 0, 0, 1]])
+    # the same numbers as test_gae_by_hand's row 0 with the gap closed: A = [.21712, .246, .3] at 0, 1, 4
+    # (d1 = 0 + .9 * V4 - V1 = .03 bootstraps from the next turn's first token, not 0 as at an episode's end)
+    adv, ret = A.gae(r, v, m, g, lam)
+    close(adv, [[0.21712, 0.246, 0, 0, 0.3]])
+    close(ret, [[0.71712, 0.846, 0, 0, 1.0]])
+
+
 def test_gae_gamma_lam_one_is_monte_carlo():
     # gamma = lam = 1: returns are plain reward-to-go, advantages = RTG - V
     r = t([[1, 2, 3]])

@@ -62,3 +62,16 @@ def test_trimmed_rows_keep_every_real_token_and_cut_only_padding():
     assert torch.allclose(sub.sampler_logp, torch.tensor([[0, 0.6, 0.2, 0], [0, 0, 0.7, 0.2], [0, 0, 0.8, 0.2]]))
     assert sub.group_id.tolist() == [0, 1, 1] and sub.prompt_len.tolist() == [2, 3, 3]
     assert b.rows(torch.tensor([0, 2, 3])).input_ids.shape == (3, 7)  # untrimmed: the batch's width
+
+
+def test_environment_tokens_are_masked_out_of_training():
+    # multi-turn: prompt [1, 5]; the model wrote 6, 2 (end of its turn), an environment replied 9, 9, the model
+    # wrote 7, 2. Targets are input_ids[1:]: [5 | 6, 2, 9, 9, 7, 2]; trained on exactly the model's four tokens.
+    p = Prompt(0, "p", (1, 5), "a")
+    c = Completion(p, (6, 2, 9, 9, 7, 2), (-0.1, -0.2, 0.0, 0.0, -0.3, -0.4), "x", "stop", 0, "t",
+                   loss_mask=(1, 1, 0, 0, 1, 1), turns=2)
+    b = collate([Group(p, (c,), (1.0,))], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 5, 6, 2, 9, 9, 7, 2]]
+    assert b.mask.tolist() == [[0, 1, 1, 0, 0, 1, 1]]
+    assert torch.allclose(b.sampler_logp, torch.tensor([[0, -0.1, -0.2, 0, 0, -0.3, -0.4]]))
+    assert c.model_tokens == 4 and Completion(p, (6, 2), (0.0, 0.0), "x", "stop", 0, "t").model_tokens == 2
