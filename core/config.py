@@ -210,7 +210,7 @@ class RolloutConfig:
     max_generator_restarts: int = _f(8, "Generator failures tolerated per job before it stops.", non_negative)
     env: str = _f("", "Multi-turn episodes: an environment function 'module:function', called after each model turn "
                       "as f(prompt, completion, answer, turn) -> text to append (not trained on), or None to end the "
-                      "episode (actors/env.py; built in: envs.builtin:reverse_hint). Empty = one turn. "
+                      "episode (actors/env.py; built in: envs.builtin:reverse_rest). Empty = one turn. "
                       "generator.max_new_tokens bounds the whole episode, model and environment tokens together.",
                   lambda v: None if not v or ":" in v else f"must be 'module:function', got {v!r}")
     max_turns: int = _f(3, "Multi-turn (rollout.env set): most model turns per episode.", positive)

@@ -12,7 +12,7 @@ the full guide is docs/rewards.md.
 |---|---|---|
 | reward.builtin:exact_match | 1 if the completion equals the answer | |
 | reward.builtin:reverse_partial | dense credit for the reversal task | |
-| reward.builtin:reverse_multiturn | the reversal task over several turns (envs.builtin:reverse_hint) | rollout.env |
+| reward.builtin:reverse_multiturn | the reversal task over several turns (envs.builtin:reverse_rest) | rollout.env |
 | reward.builtin:numeric_match | 1 if the last number in the completion equals the answer's | |
 | reward.builtin:math_verify_match | 1 if math-verify finds the completion's answer equivalent | pip install 'relayrl[math]' |
 | reward.builtin:RegexMatch | 1 if the completion matches a pattern (a format reward) | reward.format_pattern |
@@ -53,20 +53,20 @@ def reverse_partial(prompts: list[str], completions: list[str], answers: list[st
 
 
 def reverse_multiturn(prompts: list[str], completions: list[str], answers: list[str]) -> dict[str, list[float]]:
-    """The reversal task as a multi-turn episode with envs.builtin:reverse_hint: the model's LAST answer counts,
-    and each extra turn costs 0.1. Solved: 1.0 on the first turn, 0.9 on the second, 0.8 on the third; not
-    solved: half the last answer's reverse_partial credit (at most 0.4 for 5 letters), less 0.1 per extra turn.
+    """The reversal task as a multi-turn episode with envs.builtin:reverse_rest: the answer the turns add up to
+    counts, and each extra turn costs 0.1. Solved: 1.0 on the first turn, 0.9 on the second, 0.8 on the third;
+    not solved: half the answer's reverse_partial credit (at most 0.4 for 5 letters), less 0.1 per extra turn.
     Parts logged: solved (0/1) and turns."""
-    from envs.builtin import attempts
+    from envs.builtin import answer_so_far
 
     total, solved, turns = [], [], []
-    for c, a in zip(completions, answers):
-        tries = attempts(c)
-        ok = tries[-1] == a.strip()
-        credit = 1.0 if ok else 0.5 * reverse_partial([""], [tries[-1]], [a])[0]
-        total.append(credit - 0.1 * (len(tries) - 1))
+    for p, c, a in zip(prompts, completions, answers):
+        got, n = answer_so_far(p, c)
+        ok = got == a.strip()
+        credit = 1.0 if ok else 0.5 * reverse_partial([""], [got], [a])[0]
+        total.append(credit - 0.1 * (n - 1))
         solved.append(float(ok))
-        turns.append(float(len(tries)))
+        turns.append(float(n))
     return {"total": total, "solved": solved, "turns": turns}
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import time
 
-from envs.builtin import reverse_hint
+from envs.builtin import reverse_rest
 
 
 def fails_on_a(prompt: str, completion: str, answer: str, turn: int) -> str | None:
-    """reverse_hint, except that it raises for answers starting with 'a' and hangs for those starting with 'b'."""
+    """reverse_rest, except that it raises for answers starting with 'a' and hangs for those starting with 'b'."""
     if answer.startswith("a"):
         raise RuntimeError("tool crashed")
     if answer.startswith("b"):
         time.sleep(60)
-    return reverse_hint(prompt, completion, answer, turn)
+    return reverse_rest(prompt, completion, answer, turn)
 
 
 def always_a(prompt: str, completion: str, answer: str, turn: int) -> str | None:

@@ -11,14 +11,14 @@ import pytest
 import ray
 
 from core.messages import EnvSpec
-from envs.builtin import reverse_hint
+from envs.builtin import answer_so_far, reverse_rest
 from tests._jobs import Job, check_accounting, small_job
 from tests._weights import checkpoint_handle
 
 pytestmark = pytest.mark.integration
 
 MAX_NEW = 32
-HINT = EnvSpec("envs.builtin:reverse_hint", max_turns=3, step_timeout_s=30)
+REST = EnvSpec("envs.builtin:reverse_rest", max_turns=3, step_timeout_s=30)
 
 
 def _runs(c):
@@ -44,7 +44,7 @@ def test_greedy_episodes_follow_the_environment_token_for_token(served, heldout_
     from transformers import AutoModelForCausalLM
 
     prompts = heldout_prompts[:32]
-    eps = served.generate(prompts, n=1, temperature=0.0, max_new_tokens=MAX_NEW, seed=0, env=HINT)
+    eps = served.generate(prompts, n=1, temperature=0.0, max_new_tokens=MAX_NEW, seed=0, env=REST)
     single = served.generate(prompts, n=1, temperature=0.0, max_new_tokens=MAX_NEW, seed=0)
     assert sum(c.turns >= 2 for c in eps) >= 8  # the warm start is wrong on most prompts: they get a second turn
     assert any(c.turns == 3 for c in eps)
@@ -57,13 +57,13 @@ def test_greedy_episodes_follow_the_environment_token_for_token(served, heldout_
         # writes it; and the model's turns end on their own (EOS), except perhaps the last
         for k in range(1, len(runs), 2):
             before = tokenizer.decode([t for _, r in runs[:k] for t in r], skip_special_tokens=True)
-            want = reverse_hint(c.prompt.text, before, c.prompt.answer, (k + 1) // 2)
+            want = reverse_rest(c.prompt.text, before, c.prompt.answer, (k + 1) // 2)
             assert runs[k][1] == tokenizer(want, add_special_tokens=False)["input_ids"]
             assert runs[k - 1][1][-1] == tokenizer.eos_token_id
         assert all(lp == 0.0 for lp, m in zip(c.logprobs, c.loss_mask) if not m)
         # the episode ended for a reason: solved, out of turns, or out of tokens
-        last = c.text.split("=")[-1] if c.turns > 1 else c.text
-        assert last == c.prompt.answer or c.turns == 3 or c.finish_reason == "length"
+        assert answer_so_far(c.prompt.text, c.text) == (c.prompt.answer, c.turns) or c.turns == 3 \
+            or c.finish_reason == "length"
 
     # later turns are sampled from the whole transcript: vLLM's log-prob of every model token is the learner's
     # on prompt + everything before it (environment tokens included)
@@ -82,15 +82,15 @@ def test_greedy_episodes_follow_the_environment_token_for_token(served, heldout_
 
 def test_sampled_episodes_repeat_from_their_seed(served, heldout_prompts):
     prompts = heldout_prompts[:8]
-    a = served.generate(prompts, n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=3, env=HINT)
-    b = served.generate(prompts[::-1], n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=3, env=HINT)
+    a = served.generate(prompts, n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=3, env=REST)
+    b = served.generate(prompts[::-1], n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=3, env=REST)
     by_uid = {}
     for c in b:
         by_uid.setdefault(c.prompt.uid, []).append(c)
     # the same prompt's episodes, whatever request or generator it landed in
     assert [c.token_ids for c in a] == [c.token_ids for p in prompts for c in by_uid[p.uid]]
     assert any(c.turns >= 2 for c in a)
-    other = served.generate(prompts, n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=4, env=HINT)
+    other = served.generate(prompts, n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=4, env=REST)
     assert [c.token_ids for c in other] != [c.token_ids for c in a]
 
 

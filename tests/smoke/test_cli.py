@@ -34,6 +34,8 @@ def test_help_documents_every_field():
     (["--algo.estimator=ppo2"], "algo.estimator"),
     (["--no_such_field=1"], "no_such_field"),
     (["--reward.function=nomodule"], "reward.function"),
+    (["--rollout.env=nomodule"], "rollout.env"),
+    (["--rollout.env=envs.builtin:nope"], "rollout.env"),  # importable module, no such function: checked by run()
 ])
 def test_bad_config_fails_fast_naming_the_field(args, field):
     t0 = time.monotonic()
@@ -195,3 +197,17 @@ def test_lora_target_matching_no_layer_fails_before_ray(tmp_path):
     assert "config error: learner.lora_targets: ['qkv_proj'] match no linear layer" in out.stderr
     assert "down_proj" in out.stderr  # it says which layers there are
     assert "Started a local Ray instance" not in out.stderr + out.stdout
+
+
+def test_train_multi_turn_example(tmp_path):
+    """examples/multiturn.yaml as the README runs it, on a tiny budget: episodes of several turns, and the
+    held-out evaluation runs them too."""
+    out = _run(["train", "--config", "examples/multiturn.yaml", "--steps=2", "--prompts_per_step=8", "--eval_every=1",
+                "--generator.num_generators=1", "--algo.group_size=4", f"--run_dir={tmp_path}", "--run_name=mt"], 600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "mt" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(1.0 < r["eval/turns_mean"] <= 3.0 for r in rows)  # the warm start is wrong on most prompts at first
+    assert all(1.0 <= r["reward/turns"] <= 3.0 for r in rows[1:])
+    summary = json.loads((tmp_path / "mt" / "summary.json").read_text())
+    assert summary["accounting"]["prompts_trained"] == 16 and summary["accounting"]["env_failures"] == {}

@@ -249,13 +249,13 @@ def test_partial_rollout_chunk_is_shorter_than_a_sample():
 
 def test_multi_turn_environment_settings():
     assert "module:function" in expect_error("rollout.env", ["rollout.env=nocolon"])
-    assert "at least 2 turns" in expect_error("rollout.max_turns", ["rollout.env=envs.builtin:reverse_hint",
+    assert "at least 2 turns" in expect_error("rollout.max_turns", ["rollout.env=envs.builtin:reverse_rest",
                                                                     "rollout.max_turns=1"])
     assert "multi-turn" in expect_error("rollout.partial_rollout_tokens", [
-        "rollout.env=envs.builtin:reverse_hint", "rollout.partial_rollout_tokens=4", "generator.max_new_tokens=32"])
+        "rollout.env=envs.builtin:reverse_rest", "rollout.partial_rollout_tokens=4", "generator.max_new_tokens=32"])
     expect_error("timeouts.env_step_s", ["timeouts.env_step_s=0"])
-    cfg = load_config(None, ["rollout.env=envs.builtin:reverse_hint", "rollout.max_turns=2"])
-    assert (cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s) == ("envs.builtin:reverse_hint", 2, 10.0)
+    cfg = load_config(None, ["rollout.env=envs.builtin:reverse_rest", "rollout.max_turns=2"])
+    assert (cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s) == ("envs.builtin:reverse_rest", 2, 10.0)
     assert load_config(None, []).rollout.env == ""  # one turn by default
 
 

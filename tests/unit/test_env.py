@@ -6,36 +6,37 @@ import time
 
 from actors.env import load_env, step_all
 from core.messages import Completion, Prompt
-from envs.builtin import attempts, reverse_hint
+from envs.builtin import answer_so_far, reverse_rest
 from reward.builtin import reverse_multiturn
 
 
-def test_reverse_hint_by_hand():
-    # answer 'edcba'; first wrong letter of 'edcab' is at index 3 -> the answer up to and including it
-    assert reverse_hint("abcde=", "edcab", "edcba", 1) == "?edcb="
-    assert reverse_hint("abcde=", "x", "edcba", 1) == "?e="
-    assert reverse_hint("abcde=", "", "edcba", 1) == "?e="          # nothing written: the first letter
-    assert reverse_hint("abcde=", "edc", "edcba", 1) == "?edcb="     # too short: up to the first missing letter
-    assert reverse_hint("abcde=", "edcbaa", "edcba", 1) == "?edcba="  # too long: the whole answer
-    assert reverse_hint("abcde=", "edcba", "edcba", 1) is None       # right: the episode ends
-    # only the last answer counts: the second turn got it right
-    assert reverse_hint("abcde=", "edcab?edcb=edcba", "edcba", 2) is None
-    assert reverse_hint("abcde=", "edcab?edcb=edcbb", "edcba", 2) == "?edcba="
+def test_reverse_rest_by_hand():
+    # word 'abcde', answer 'edcba'. 'edcab' has 'edc' right: the reversal of 'ab' is still missing
+    assert reverse_rest("abcde=", "edcab", "edcba", 1) == "?ab="
+    assert reverse_rest("abcde=", "x", "edcba", 1) == "?abcde="        # nothing right: the whole word again
+    assert reverse_rest("abcde=", "", "edcba", 1) == "?abcde="
+    assert reverse_rest("abcde=", "edc", "edcba", 1) == "?ab="         # too short: the rest
+    assert reverse_rest("abcde=", "edcbaa", "edcba", 1) == "?="         # too long: nothing is missing, but 'a' is extra
+    assert reverse_rest("abcde=", "edcba", "edcba", 1) is None         # right: the episode ends
+    # later turns supply the rest: 'edc' + 'ba'
+    assert reverse_rest("abcde=", "edcab?ab=ba", "edcba", 2) is None
+    assert reverse_rest("abcde=", "edcab?ab=bb", "edcba", 2) == "?a="  # 'edcb' right now: 'a' left
+    assert reverse_rest("abcde=", "edcbaa?=", "edcba", 2) is None      # an empty turn drops the extra letter
 
 
-def test_attempts_split_on_the_environment_replies():
-    assert attempts("edcab?edcb=edcba") == ["edcab", "edcba"]
-    assert attempts("edcba") == ["edcba"]
-    assert attempts("a?e=b?ed=") == ["a", "b", ""]
+def test_answer_so_far_adds_the_turns_up():
+    assert answer_so_far("abcde=", "edcab?ab=ba") == ("edcba", 2)
+    assert answer_so_far("abcde=", "edcba") == ("edcba", 1)
+    assert answer_so_far("abcde=", "x?abcde=ed?abc=cba") == ("edcba", 3)  # 'ed' kept from turn 2
+    assert answer_so_far("abcde=", "edcab?ab=") == ("edc", 2)  # the model wrote nothing on its last turn
 
 
 def test_reverse_multiturn_reward_by_hand():
-    out = reverse_multiturn(["", "", "", ""], ["edcba", "edcab?edcb=edcba", "edcab", "edcab?edcb=ed"],
-                            ["edcba"] * 4)
+    out = reverse_multiturn(["abcde="] * 4, ["edcba", "edcab?ab=ba", "edcab", "edcab?ab=bb?a="], ["edcba"] * 4)
     # solved first turn 1.0; solved second 1 - 0.1; wrong 'edcab': 3 of 5 right -> 0.5 * 0.6 = 0.3;
-    # wrong 'ed' on turn 2: 2/5 right, wrong length -> 0.5 * (0.4 - 0.5) - 0.1 = -0.15
-    assert [round(x, 10) for x in out["total"]] == [1.0, 0.9, 0.3, -0.15]
-    assert out["solved"] == [1.0, 1.0, 0.0, 0.0] and out["turns"] == [1.0, 2.0, 1.0, 2.0]
+    # 'edcbb' then nothing on turn 3 -> 'edcb': 4/5 right, wrong length -> 0.5 * (0.8 - 0.5) - 0.2 = -0.05
+    assert [round(x, 10) for x in out["total"]] == [1.0, 0.9, 0.3, -0.05]
+    assert out["solved"] == [1.0, 1.0, 0.0, 0.0] and out["turns"] == [1.0, 2.0, 1.0, 3.0]
 
 
 def _sample(text: str, turns: int = 1) -> Completion:
@@ -78,7 +79,7 @@ def test_a_hanging_step_is_abandoned_at_the_deadline_and_the_others_still_answer
 
 
 def test_load_env_names_the_field():
-    assert load_env("envs.builtin:reverse_hint") is reverse_hint
+    assert load_env("envs.builtin:reverse_rest") is reverse_rest
     try:
         load_env("envs.builtin:nope")
     except ValueError as e:
