@@ -227,6 +227,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                              "staleness_max": row["staleness/max"], "buffer_groups": row["buffer_groups"],
                              "sync_seconds": row["time/sync_s"], "generators": row["generators"], "heldout_accuracy": acc},
                             {**{f"reward_{k}": v for k, v in acct.reward_failures.items()},
+                             **{f"env_{k}": v for k, v in acct.env_failures.items()},
                              **{f"dropped_{k}": v for k, v in Counter(acct.dropped.values()).items()},
                              "generator_restart": pool.stats.restarts, "reward_worker_restart": rewards.restarts})
                 loop.poll_control()
@@ -523,7 +524,8 @@ class _Loop:
                 # partial rollouts: trained samples whose tokens came from more than one policy version
                 "samples_multi_version": multi,
                 "time/sync_land_s": self.pool.last_sync_s,  # the last confirmed sync: queued to every generator serving it
-                "reward_failures": sum(self.rollout.acct.reward_failures.values())}
+                "reward_failures": sum(self.rollout.acct.reward_failures.values()),
+                "env_failures": sum(self.rollout.acct.env_failures.values())}
 
     def _new_tokens(self) -> int:
         n = self.rollout.generated_tokens - self._tokens_seen

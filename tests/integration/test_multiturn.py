@@ -146,4 +146,6 @@ def test_a_job_trains_on_episodes_and_drops_groups_an_environment_failed_in(tmp_
     rows = [json.loads(x) for x in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["eval/turns_mean"] > 1.0  # the held-out episodes take more than one turn
     assert all(r["reward/turns"] >= 1.0 for r in rows if "reward/turns" in r)
+    steps = [r for r in rows if "env_failures" in r]  # the running count, per step
+    assert steps and steps[-1]["env_failures"] <= sum(a["env_failures"].values())
     assert any("[env]" in line for line in job.lines)
