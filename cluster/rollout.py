@@ -75,8 +75,8 @@ ENV_BUDGET_MIN_GROUPS = 16  # groups generated before the environment's failure 
 
 
 class EnvironmentFailed(RuntimeError):
-    """A multi-turn environment failed on most of one request's groups: the job stops rather than train on
-    what is left."""
+    """A multi-turn environment's failures dropped more than reward.max_failure_fraction of the groups generated so
+    far (judged from ENV_BUDGET_MIN_GROUPS groups on): the job stops rather than train on what is left."""
 
 
 def assemble(completions: list[Completion], scores: ScoreResult, group_size: int, acct: Accounting) -> list[Group]:
