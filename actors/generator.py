@@ -40,6 +40,12 @@ class EngineSettings:
     enforce_eager: bool = True
     seed: int = 0
     dtype: str = "float32"
+    tempered_logprobs: bool = False
+    """Report each sampled token's log-prob under the distribution it was sampled from, temperature applied (vLLM's
+    logprobs_mode=processed_logprobs), instead of vLLM's default, the raw logits' (the same numbers at
+    temperature 1). The learner divides its logits by the same temperature (Learner's `temperature`), so the two
+    stay the same numbers. On GPUs vLLM then samples without FlashInfer's kernel: the driver turns it on only
+    for a generator.temperature other than 1."""
 
 
 def engine_env(settings: EngineSettings) -> dict[str, str]:
@@ -70,6 +76,8 @@ def engine_args(settings: EngineSettings) -> dict:
     args = dict(model=settings.model_path, dtype=settings.dtype, seed=settings.seed,
                 enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
                 max_model_len=settings.max_model_len, worker_extension_cls="actors.vllm_ext.WeightReceiver")
+    if settings.tempered_logprobs:
+        args["logprobs_mode"] = "processed_logprobs"
     if current_platform.is_cpu():
         args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_STEP_TOKENS, settings.max_model_len))
     return args

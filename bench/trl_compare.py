@@ -30,6 +30,8 @@ the same resolved relayrl config:
   (peft_config=LoraConfig(r, lora_alpha, lora_dropout=0, the same target modules)); both evaluate the merged
   model at the end (TRL's adapters merged with peft's merge_and_unload);
 - seed: the same number (data order and sampling streams differ between the frameworks all the same);
+- threads: TRL, one process, runs torch on every core (at least learner.torch_threads); relayrl splits the same
+  cores between its generators and learner as its config says;
 - precision: float32 on both sides by default; with --extra=--learner.compute_dtype=bfloat16 relayrl's learner
   autocasts to bf16 and TRL gets bf16=True (the same mixed precision: float32 weights, bf16 matmuls), and
   --extra=--generator.dtype=bfloat16 runs relayrl's vLLM generators in bf16 (TRL's transformers generate runs
@@ -227,7 +229,10 @@ def trl_spec(cfg, config_path: str, overrides: list[str], world, out_dir: Path, 
             "max_grad_norm": lc.max_grad_norm, "warmup_steps": lc.warmup_steps * a.minibatches,
             "lr_schedule": lc.lr_schedule, "epochs": a.epochs, "clip_low": a.clip_low, "clip_high": a.clip_high,
             "beta": a.kl_coef, "temperature": cfg.generator.temperature,
-            "max_new_tokens": cfg.generator.max_new_tokens, "torch_threads": lc.torch_threads,
+            "max_new_tokens": cfg.generator.max_new_tokens,
+            # TRL is one process doing everything: it gets every core (relayrl's learner threads alone would shortchange
+            # it when the job splits the cores between generators and a one-thread learner, as async 1+1 does)
+            "torch_threads": max(lc.torch_threads, os.cpu_count() or 1),
             "use_vllm": use_vllm, "bf16": lc.compute_dtype == "bfloat16", "config_path": config_path,
             # learner.lora_rank > 0: TRL trains the same adapters through peft (GRPOTrainer's peft_config)
             "lora": ({"r": lc.lora_rank, "alpha": lc.lora_alpha, "targets": lc.lora_targets} if lc.lora_rank else None),

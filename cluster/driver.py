@@ -151,7 +151,9 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     t_ray = time.monotonic()
     settings = EngineSettings(model_path=model_path, max_model_len=min(context, max(64, max_len)), kv_cache_gib=cfg.generator.kv_cache_gib,
                               gpu_memory_utilization=cfg.generator.gpu_memory_utilization,
-                              enforce_eager=cfg.generator.enforce_eager, seed=cfg.seed, dtype=cfg.generator.dtype)
+                              enforce_eager=cfg.generator.enforce_eager, seed=cfg.seed, dtype=cfg.generator.dtype,
+                              # log-probs of the tempered distribution the samples come from, as the learner computes
+                              tempered_logprobs=cfg.generator.temperature != 1.0)
     to, ro = cfg.timeouts, cfg.rollout
     control = start_control()
     learners = LearnerGroup(cfg, model_path, PAD)  # learner.data_parallel ranks; rank 0 publishes and saves

@@ -32,7 +32,8 @@ class LearnerGroup:
             ray.remote(Learner).options(name="learner" if r == 0 else f"learner-{r}", num_cpus=lc.num_cpus,
                                         num_gpus=lc.num_gpus, resources=parse_resources(lc.resources),
                                         max_restarts=0).remote(
-                model_path, cfg.algo, lc, cfg.steps, cfg.seed, pad_id, cfg.generator.dtype, rank=r)
+                model_path, cfg.algo, lc, cfg.steps, cfg.seed, pad_id, cfg.generator.dtype, rank=r,
+                temperature=cfg.generator.temperature)
             for r in range(lc.data_parallel)]
         self.lead = self.actors[0]
 

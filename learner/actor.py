@@ -74,13 +74,17 @@ class Learner:
     """Plain class; the driver wraps it with `ray.remote` (named `learner`)."""
 
     def __init__(self, model_path: str, algo: AlgoConfig, cfg: LearnerConfig, total_steps: int, seed: int,
-                 pad_id: int = 0, sampler_dtype: str = "float32", rank: int = 0):
+                 pad_id: int = 0, sampler_dtype: str = "float32", rank: int = 0, temperature: float = 1.0):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(seed)
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.algo, self.cfg, self.pad_id, self.model_path = algo, cfg, pad_id, model_path
+        # generator.temperature: the samples come from softmax(logits / T), so the policy (and its reference) is
+        # that distribution: log-probs, ratios, KL and entropy all read logits / T (as TRL and veRL do). The
+        # generators report log-probs of the same tempered distribution (EngineSettings.tempered_logprobs).
+        self.temperature = temperature
         self.rank, self.world = rank, cfg.data_parallel  # the ranks meet in join(); one rank needs nothing more
         self._comm_s = 0.0  # seconds in collectives during the current update (data parallel)
         # learner.compute_dtype: bf16 autocast (auto: on GPU) or exact float32 (auto: on CPU, where only AMX makes
@@ -230,8 +234,14 @@ class Learner:
         with self.autocast():
             return batch_logits(model, b, self.device, self.cfg.shared_prefix)
 
+    def _policy_logits(self, model, b: Batch) -> torch.Tensor:
+        """The policy's (or reference's) logits of the distribution the generators sample: divided by the
+        temperature (the critic's outputs are values and are not)."""
+        logits = self._logits(model, b)
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
     def _logp(self, model, b: Batch) -> torch.Tensor:
-        return algos.token_logprobs(self._logits(model, b), b.input_ids[:, 1:].to(self.device))
+        return algos.token_logprobs(self._policy_logits(model, b), b.input_ids[:, 1:].to(self.device))
 
     def _ref_logp(self, b: Batch) -> torch.Tensor:
         if self.ref is not None:
@@ -469,7 +479,7 @@ class Learner:
                 # weight each micro-batch by its share of the minibatch (tokens for token-mean, rows otherwise),
                 # so accumulated gradients equal one big batch's
                 share = (m.sum() / total_tokens) if a.loss_agg == "token-mean" else torch.tensor(len(idx) / n_rows)
-                logits = self._logits(self.policy, mb)
+                logits = self._policy_logits(self.policy, mb)
                 logp = algos.token_logprobs(logits, mb.input_ids[:, 1:].to(self.device))
                 if fill_old:
                     pre["old"][idx, :w1] = logp.detach()

@@ -47,7 +47,9 @@ def generator_pool(ray_session, world):
     from actors.generator import EngineSettings
     from actors.pool import GeneratorPool
 
-    pool = GeneratorPool(EngineSettings(model_path=world.model_path, max_model_len=64), num_cpus=1, num_gpus=0,
+    # tempered log-probs (what a job at a temperature other than 1 runs): at temperature 1 the same numbers as raw
+    pool = GeneratorPool(EngineSettings(model_path=world.model_path, max_model_len=64, tempered_logprobs=True),
+                         num_cpus=1, num_gpus=0,
                          startup_timeout_s=300, call_timeout_s=120, sync_timeout_s=120, log=lambda *_: None,
                          name_prefix="shared-generator")  # a job's own pool, started beside it, names its generator-N
     pool.start(2)

@@ -1,7 +1,7 @@
 """Multi-turn episodes with real vLLM: the environment's replies land in the sample exactly as it wrote them and
 are masked out of training; the model's later turns are sampled from the whole transcript (vLLM's log-probs are
 the learner's on it); sampled episodes repeat from their seed; environment failures end their episode and come
-back as data; and a real job trains on episodes, dropping the groups an environment failed in."""
+back as data; and a real async job trains on episodes, dropping the groups an environment failed in."""
 
 from __future__ import annotations
 
@@ -129,8 +129,10 @@ def test_environment_failures_end_their_episode_and_are_reported(served, heldout
     assert len(served.generate(prompts[:2], n=1, temperature=0.0, max_new_tokens=8, seed=0)) == 2
 
 
-def test_a_job_trains_on_episodes_and_drops_groups_an_environment_failed_in(tmp_path, default_cfg, ray_session):
-    cfg = small_job(tmp_path, default_cfg, env="tests._envs:fails_on_a", max_turns=3)
+def test_an_async_job_trains_on_episodes_and_drops_groups_an_environment_failed_in(tmp_path, default_cfg,
+                                                                                   ray_session):
+    # async: episodes keep running in the generators while the learner trains (the CLI smoke test runs sync)
+    cfg = small_job(tmp_path, default_cfg, env="tests._envs:fails_on_a", max_turns=3, mode="async", max_staleness=1)
     cfg.generator.max_new_tokens = MAX_NEW
     cfg.timeouts.env_step_s = 2
     cfg.reward.function = "reward.builtin:reverse_multiturn"

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # helpers below run inside the learner actor
 
 
-def _groups(pool, prompts, n, seed):
-    comps = pool.generate(prompts, n=n, temperature=1.0, max_new_tokens=8, seed=seed)
+def _groups(pool, prompts, n, seed, temperature=1.0):
+    comps = pool.generate(prompts, n=n, temperature=temperature, max_new_tokens=8, seed=seed)
     scores = reverse_partial([c.prompt.text for c in comps], [c.text for c in comps], [c.prompt.answer for c in comps])
     return [Group(comps[i].prompt, tuple(comps[i:i + n]), tuple(scores[i:i + n])) for i in range(0, len(comps), n)]
 
@@ -85,6 +85,26 @@ def test_sampler_logprobs_match_learner_logprobs(generator_pool, learner, heldou
     ray.get(learner.train_step.remote(groups), timeout=120)
     moved = _paired(groups, ray.get(learner.logprobs.remote(groups), timeout=120), 4)
     assert max(abs(a - b) for a, b in moved) > 1e-3
+
+
+def test_at_a_temperature_the_learner_reads_the_distribution_the_samples_came_from(generator_pool, learner, world,
+                                                                                  heldout_prompts):
+    """generator.temperature=0.7: samples come from softmax(logits / 0.7). The generators report log-probs of that
+    distribution and a learner built with the same temperature computes the same numbers; a learner that ignored
+    the temperature (relayrl before this was fixed) is off by far more than the tolerance."""
+    pool = generator_pool
+    pool.sync(ray.get(learner.publish.remote(), timeout=60))  # the checkpoint's weights, as both learners hold
+    groups = _groups(pool, heldout_prompts[:32], 4, seed=7, temperature=0.7)
+    tempered = ray.remote(Learner).options(num_cpus=1).remote(world.model_path, AlgoConfig(), LearnerConfig(), 10, 0,
+                                                             PAD, temperature=0.7)
+    try:
+        pairs = _paired(groups, ray.get(tempered.logprobs.remote(groups), timeout=120), 4)
+    finally:
+        ray.kill(tempered)
+    assert len(pairs) >= 32 * 4 * 3
+    assert max(abs(a - b) for a, b in pairs) < 1e-4
+    untempered = _paired(groups, ray.get(learner.logprobs.remote(groups), timeout=120), 4)
+    assert max(abs(a - b) for a, b in untempered) > 1e-2
 
 
 def test_saved_model_is_a_folder_vllm_serves(generator_pool, learner, heldout_prompts, tmp_path):
