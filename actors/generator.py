@@ -41,11 +41,12 @@ class EngineSettings:
     seed: int = 0
     dtype: str = "float32"
     tempered_logprobs: bool = False
-    """Report each sampled token's log-prob under the distribution it was sampled from, temperature applied (vLLM's
-    logprobs_mode=processed_logprobs), instead of vLLM's default, the raw logits' (the same numbers at
-    temperature 1). The learner divides its logits by the same temperature (Learner's `temperature`), so the two
-    stay the same numbers. On GPUs vLLM then samples without FlashInfer's kernel: the driver turns it on only
-    for a generator.temperature other than 1."""
+    """Report each sampled token's log-prob under the distribution it was sampled from, temperature, top-p and top-k
+    applied (vLLM's logprobs_mode=processed_logprobs), instead of vLLM's default, the raw logits' (the same numbers
+    at temperature 1 without truncation). The learner divides its logits by the same temperature (Learner's
+    `temperature`), so with temperature alone the two stay the same numbers; with truncation the importance weights
+    see it. On GPUs vLLM then samples without FlashInfer's kernel: the driver turns it on only when sampling is
+    not plain (temperature other than 1, top_p < 1 or top_k > 0)."""
 
 
 def engine_env(settings: EngineSettings) -> dict[str, str]:
@@ -264,7 +265,8 @@ class Generator:
                 going.append(i)
             if not conts:
                 break
-            nxt = GenerateRequest((), 1, req.temperature, req.max_new_tokens, seed=req.seed, continuations=tuple(conts))
+            nxt = GenerateRequest((), 1, req.temperature, req.max_new_tokens, seed=req.seed, continuations=tuple(conts),
+                                  top_p=req.top_p, top_k=req.top_k)
             for i, c in zip(going, self.completions(nxt, self.submit_generate(nxt).result())):
                 out[i] = c
             live = going
@@ -279,7 +281,8 @@ class Generator:
         budget = req.chunk_tokens or req.max_new_tokens
 
         def params(n: int, max_tokens: int, seed: int | None) -> SamplingParams:
-            return SamplingParams(n=n, temperature=req.temperature, max_tokens=max_tokens, logprobs=0, seed=seed,
+            return SamplingParams(n=n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                  max_tokens=max_tokens, logprobs=0, seed=seed,
                                   output_kind=RequestOutputKind.FINAL_ONLY)
 
         # one SamplingParams per prompt: each prompt's own random stream (core.messages.sample_seed)

@@ -25,7 +25,8 @@ the same resolved relayrl config:
   accumulated over micro-batches of learner.micro_batch_size); TRL max_steps = steps x minibatches, so both
   train on the same number of samples;
 - optimizer: fused AdamW (torch.optim.AdamW(fused=True); TRL optim="adamw_torch_fused"), learning rate, weight decay, grad-norm clip, constant schedule (TRL's default decay is
-  turned off), warm-up; sampling: temperature 1, top-p 1, no top-k, max_new_tokens (TRL max_completion_length);
+  turned off), warm-up; sampling: generator.temperature, top_p and top_k (1, 1 and off by default), max_new_tokens
+  (TRL max_completion_length);
 - LoRA (--extra=--learner.lora_rank=R, with lora_alpha and lora_targets): TRL gets the same adapters through peft
   (peft_config=LoraConfig(r, lora_alpha, lora_dropout=0, the same target modules)); both evaluate the merged
   model at the end (TRL's adapters merged with peft's merge_and_unload);
@@ -228,7 +229,8 @@ def trl_spec(cfg, config_path: str, overrides: list[str], world, out_dir: Path, 
             "per_device": micro, "grad_accum": per_opt // micro, "lr": lc.lr, "weight_decay": lc.weight_decay,
             "max_grad_norm": lc.max_grad_norm, "warmup_steps": lc.warmup_steps * a.minibatches,
             "lr_schedule": lc.lr_schedule, "epochs": a.epochs, "clip_low": a.clip_low, "clip_high": a.clip_high,
-            "beta": a.kl_coef, "temperature": cfg.generator.temperature,
+            "beta": a.kl_coef, "temperature": cfg.generator.temperature, "top_p": cfg.generator.top_p,
+            "top_k": cfg.generator.top_k,
             "max_new_tokens": cfg.generator.max_new_tokens,
             # TRL is one process doing everything: it gets every core (relayrl's learner threads alone would shortchange
             # it when the job splits the cores between generators and a one-thread learner, as async 1+1 does)
@@ -254,7 +256,7 @@ def grpo_config(spec: dict, **overrides):
         weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"], optim="adamw_torch_fused",
         per_device_train_batch_size=spec["per_device"], gradient_accumulation_steps=spec["grad_accum"],
         generation_batch_size=spec["prompts_per_step"] * spec["group_size"], num_generations=spec["group_size"],
-        max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=0,
+        max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=spec["top_p"], top_k=spec["top_k"],
         beta=spec["beta"], num_iterations=spec["epochs"], epsilon=spec["clip_low"], epsilon_high=spec["clip_high"],
         loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
         max_steps=spec["steps"] * spec["minibatches"], logging_steps=1, save_strategy="no", report_to="none",

@@ -152,8 +152,8 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     settings = EngineSettings(model_path=model_path, max_model_len=min(context, max(64, max_len)), kv_cache_gib=cfg.generator.kv_cache_gib,
                               gpu_memory_utilization=cfg.generator.gpu_memory_utilization,
                               enforce_eager=cfg.generator.enforce_eager, seed=cfg.seed, dtype=cfg.generator.dtype,
-                              # log-probs of the tempered distribution the samples come from, as the learner computes
-                              tempered_logprobs=cfg.generator.temperature != 1.0)
+                              # log-probs of the distribution the samples come from (tempered, truncated)
+                              tempered_logprobs=not sampling_is_plain(cfg.generator))
     to, ro = cfg.timeouts, cfg.rollout
     control = start_control()
     learners = LearnerGroup(cfg, model_path, PAD)  # learner.data_parallel ranks; rank 0 publishes and saves
@@ -173,7 +173,8 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                       max_new_tokens=cfg.generator.max_new_tokens, seed=cfg.seed,
                       prompts_per_request=ro.prompts_per_request, max_inflight_per_generator=ro.max_inflight_per_generator,
                       call_timeout_s=to.generate_s, acct=acct, reward_cfg=cfg.reward,
-                      chunk_tokens=ro.partial_rollout_tokens, env=env, log=log)
+                      chunk_tokens=ro.partial_rollout_tokens, env=env, top_p=cfg.generator.top_p,
+                      top_k=cfg.generator.top_k, log=log)
     loop = _Loop(cfg, pool, rollout, stream, learners, control, log, run_dir)
     ks = tuple(sorted({1, cfg.eval_pass_k})) if cfg.eval_samples else ()
 
@@ -295,6 +296,11 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
         f"in {summary['wall_seconds']:.0f}s; prompts {summary['accounting']}")
     log(f"run directory: {run_dir}")
     return summary
+
+
+def sampling_is_plain(gc) -> bool:
+    """Training rollouts sample softmax(logits) itself: temperature 1, no top-p or top-k truncation."""
+    return gc.temperature == 1.0 and gc.top_p == 1.0 and gc.top_k == 0
 
 
 class LearnerFailed(RuntimeError):

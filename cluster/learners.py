@@ -33,7 +33,8 @@ class LearnerGroup:
                                         num_gpus=lc.num_gpus, resources=parse_resources(lc.resources),
                                         max_restarts=0).remote(
                 model_path, cfg.algo, lc, cfg.steps, cfg.seed, pad_id, cfg.generator.dtype, rank=r,
-                temperature=cfg.generator.temperature)
+                temperature=cfg.generator.temperature,
+                truncated_sampling=cfg.generator.top_p < 1.0 or cfg.generator.top_k > 0)
             for r in range(lc.data_parallel)]
         self.lead = self.actors[0]
 

@@ -113,7 +113,8 @@ class _Request:
 class Rollout:
     def __init__(self, pool, rewards, *, group_size: int, temperature: float, max_new_tokens: int, seed: int,
                  prompts_per_request: int, max_inflight_per_generator: int, call_timeout_s: float,
-                 acct: Accounting, reward_cfg, chunk_tokens: int = 0, env: EnvSpec | None = None, log=print):
+                 acct: Accounting, reward_cfg, chunk_tokens: int = 0, env: EnvSpec | None = None,
+                 top_p: float = 1.0, top_k: int = 0, log=print):
         self.pool, self.rewards, self.acct, self.log = pool, rewards, acct, log
         self.group_size, self.temperature, self.max_new_tokens, self.seed = group_size, temperature, max_new_tokens, seed
         self.prompts_per_request, self.max_inflight = prompts_per_request, max_inflight_per_generator
@@ -121,6 +122,7 @@ class Rollout:
         self.reward_cfg = reward_cfg
         self.chunk_tokens = chunk_tokens if 0 < chunk_tokens < max_new_tokens else 0
         self.env = env  # multi-turn: every request's samples are whole episodes (actors/generator.py)
+        self.top_p, self.top_k = top_p, top_k
         self.env_groups = [0, 0]  # multi-turn: groups generated, and dropped for an environment failure
         self.env_last_failure = ""
         self.scored: list[ScoreResult] = []  # this step's scored batches (reward component means)
@@ -184,7 +186,8 @@ class Rollout:
             size = self.prompts_per_request or -(-len(self.todo) // free)
             chunk = tuple(self.todo.popleft() for _ in range(min(size, len(self.todo))))
             req = GenerateRequest(chunk, self.group_size, self.temperature, self.max_new_tokens, seed=self.seed,
-                                  continuations=conts, chunk_tokens=self.chunk_tokens, env=self.env)
+                                  continuations=conts, chunk_tokens=self.chunk_tokens, env=self.env,
+                                  top_p=self.top_p, top_k=self.top_k)
             sent = self.pool.submit(req, max_load=self.max_inflight)
             if sent is None:
                 self.todo.extendleft(reversed(chunk))

@@ -170,6 +170,12 @@ class GeneratorConfig:
     resources: str = _f("", _RESOURCES_HELP, _resources_check)
     temperature: float = _f(1.0, "Sampling temperature for training rollouts.", positive)
     max_new_tokens: int = _f(8, "Maximum generated tokens per completion.", positive)
+    top_p: float = _f(1.0, "Nucleus sampling for training rollouts: sample from the smallest set of tokens whose "
+                           "probability reaches top_p (1 = off). The learner trains the full distribution; with "
+                           "top_p or top_k on, old log-probs are recomputed and the importance weights "
+                           "(algo.is_correction) correct for the truncation, as in TRL and veRL.",
+                      lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}")
+    top_k: int = _f(0, "Top-k sampling for training rollouts: sample from the k likeliest tokens (0 = off).", non_negative)
     kv_cache_gib: int = _f(1, "vLLM CPU backend: GiB of host memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).", positive)
     gpu_memory_utilization: float = _f(0.3, "vLLM gpu_memory_utilization (on CPU: share of host memory).", unit_interval)
     enforce_eager: bool = _f(True, "Skip vLLM graph compilation (fast start-up; set false for long GPU runs).")

@@ -47,6 +47,10 @@ class GenerateRequest:
     """Partial rollouts: generate at most this many tokens of any sample in this request (0 = whole samples,
     up to max_new_tokens). A sample cut short comes back with finish_reason "length" and fewer than
     max_new_tokens tokens (`Completion.unfinished`); the rollout sends it again as a `Continuation`."""
+    top_p: float = 1.0
+    """Nucleus sampling (1 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
     env: EnvSpec | None = None
     """Multi-turn episodes: after each model turn the generator asks this environment for its reply, appends it
     (not trained on) and lets the model go on, until the environment ends the episode, `max_turns` model turns

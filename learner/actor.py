@@ -74,7 +74,8 @@ class Learner:
     """Plain class; the driver wraps it with `ray.remote` (named `learner`)."""
 
     def __init__(self, model_path: str, algo: AlgoConfig, cfg: LearnerConfig, total_steps: int, seed: int,
-                 pad_id: int = 0, sampler_dtype: str = "float32", rank: int = 0, temperature: float = 1.0):
+                 pad_id: int = 0, sampler_dtype: str = "float32", rank: int = 0, temperature: float = 1.0,
+                 truncated_sampling: bool = False):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(cfg.torch_threads)
@@ -85,6 +86,9 @@ class Learner:
         # that distribution: log-probs, ratios, KL and entropy all read logits / T (as TRL and veRL do). The
         # generators report log-probs of the same tempered distribution (EngineSettings.tempered_logprobs).
         self.temperature = temperature
+        # generator.top_p / top_k: the sampler's log-probs are of a truncated distribution, not the policy's own
+        # numbers, so algo.old_logprobs=auto recomputes old log-probs (the importance weights see the truncation)
+        self.truncated_sampling = truncated_sampling
         self.rank, self.world = rank, cfg.data_parallel  # the ranks meet in join(); one rank needs nothing more
         self._comm_s = 0.0  # seconds in collectives during the current update (data parallel)
         # learner.compute_dtype: bf16 autocast (auto: on GPU) or exact float32 (auto: on CPU, where only AMX makes
@@ -435,7 +439,7 @@ class Learner:
         if mode != "auto":
             return mode == "sampler"
         # the sampler ran exactly the weights the learner holds now: the current version, no update since its put
-        return (self._sampler_exact and self._published_step == self.step
+        return (self._sampler_exact and not self.truncated_sampling and self._published_step == self.step
                 and int(b.versions.min()) == int(b.versions.max()) == self.version)
 
     def _trained_rows(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:

@@ -228,6 +228,10 @@ def test_auto_old_logprobs_take_the_samplers_only_for_the_weights_the_learner_ho
     forced = Learner(world.model_path, AlgoConfig(group_size=G, old_logprobs="recompute"),
                      LearnerConfig(lr=1e-3, torch_threads=1, micro_batch_size=12), 10, 0, PAD)
     assert forced.train_step(groups).metrics["old_from_sampler"] == 0.0
+    # top-p / top-k sampling: the sampler's numbers are a truncated distribution's, never the policy's own
+    truncated = Learner(world.model_path, AlgoConfig(group_size=G), LearnerConfig(lr=1e-3, torch_threads=1,
+                        micro_batch_size=12), 10, 0, PAD, truncated_sampling=True)
+    assert truncated.train_step(groups).metrics["old_from_sampler"] == 0.0
 
 
 @pytest.mark.parametrize("split", ["groups", "samples"])

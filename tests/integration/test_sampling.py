@@ -53,3 +53,39 @@ def test_a_request_bigger_than_one_scheduler_step_samples_as_small_ones_do(gener
     small = generator_pool.generate([long[5], long[77]], n=1, temperature=1.0, max_new_tokens=MAX_NEW, seed=3)
     by_uid = {c.prompt.uid: c.token_ids for c in comps}
     assert [c.token_ids for c in small] == [by_uid[long[5].uid], by_uid[long[77].uid]]
+
+
+def test_top_k_and_top_p_reach_vllm_and_its_logprobs_are_the_truncated_distributions(generator_pool, heldout_prompts,
+                                                                                      world):
+    """generator.top_k / top_p: top_k=1 samples the greedy answer, each token with log-prob 0 (a one-token
+    distribution); under top_p=0.8 every sampled token's reported log-prob is at least its full-distribution one
+    (renormalised over the kept tokens) and above it wherever the nucleus cut anything."""
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.messages import GenerateRequest
+    from tests._weights import checkpoint_handle
+
+    pool = generator_pool
+    pool.sync(checkpoint_handle(world.model_path, pool.version + 1))  # weights the transformers model below holds
+    actor = pool.actors[sorted(pool.actors)[0]]
+    prompts = tuple(heldout_prompts[:16])
+    greedy = pool.generate(list(prompts), n=1, temperature=0.0, max_new_tokens=MAX_NEW, seed=0)
+    top1 = ray.get(actor.generate.remote(GenerateRequest(prompts, 1, 1.0, MAX_NEW, seed=5, top_k=1)), timeout=120)
+    assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
+    assert all(lp == 0.0 for c in top1 for lp in c.logprobs)
+
+    nucleus = ray.get(actor.generate.remote(GenerateRequest(prompts, N, 1.0, MAX_NEW, seed=5, top_p=0.8)), timeout=120)
+    model = AutoModelForCausalLM.from_pretrained(world.model_path, torch_dtype=torch.float32).eval()
+    raised = 0
+    for c in nucleus:
+        ids = torch.tensor([list(c.prompt.token_ids) + list(c.token_ids)])
+        with torch.no_grad():
+            full = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        P = len(c.prompt.token_ids)
+        for j, (t, lp) in enumerate(zip(c.token_ids, c.logprobs)):
+            ref = float(full[P - 1 + j, t])
+            assert lp >= ref - 1e-5
+            raised += lp > ref + 1e-3
+    assert raised > 0

@@ -259,6 +259,17 @@ def test_multi_turn_environment_settings():
     assert load_config(None, []).rollout.env == ""  # one turn by default
 
 
+def test_top_p_and_top_k():
+    expect_error("generator.top_p", ["generator.top_p=0"])
+    expect_error("generator.top_p", ["generator.top_p=1.5"])
+    expect_error("generator.top_k", ["generator.top_k=-1"])
+    from cluster.driver import sampling_is_plain
+
+    assert sampling_is_plain(load_config(None, []).generator)
+    for o in ("generator.top_p=0.9", "generator.top_k=20", "generator.temperature=0.7"):
+        assert not sampling_is_plain(load_config(None, [o]).generator), o
+
+
 def test_long_tailed_task_lengths_and_answer_budget():
     msg = expect_error("task.max_word_length", ["task.max_word_length=5"])  # default word_length = 5
     assert "> task.word_length (5" in msg and "got 5" in msg
