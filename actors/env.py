@@ -14,6 +14,10 @@ user's next message), or None to end the episode. It is called with these four k
 episode replays exactly from its seed and can move to another generator. Reply tokens are appended as the
 tokenizer encodes the text (no special tokens added) and are never trained on (`Completion.loss_mask`).
 
+For chat models, `rollout.env_role=user` (or `tool`, or any role the model's chat template knows) wraps each reply
+as a message of that role with the chat template, followed by the template's prompt for the next assistant turn
+(`chat_turn`), so the environment returns plain content.
+
 Failures are data, as for rewards: a step that raises, returns something other than str or None, or takes
 longer than `timeouts.env_step_s` ends its episode with `Completion.env_failure` set; the rollout drops the
 sample's group (reason env_failed) and counts it. A step that hangs cannot be stopped from outside its thread:
@@ -36,6 +40,25 @@ def load_env(spec: EnvSpec | str) -> Callable:
     from reward.worker import load_function
 
     return load_function(spec if isinstance(spec, str) else spec.function, "rollout.env")
+
+
+def chat_turn(tokenizer, role: str, content: str, ended_with: str) -> str:
+    """The text the tokenizer's chat template puts after an assistant turn for one more message of ROLE holding
+    CONTENT, and then the prompt for the next assistant turn. ENDED_WITH is the token the model's turn ended on
+    (its EOS, say '<|im_end|>'): the part of the template's turn closing it already wrote is left out, so the
+    transcript reads as the template renders the whole conversation. ChatML, role 'tool', content '42', ended on
+    '<|im_end|>': '\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n'."""
+    base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    before = tokenizer.apply_chat_template(base, tokenize=False)
+    after = tokenizer.apply_chat_template(base + [{"role": role, "content": content}], tokenize=False,
+                                          add_generation_prompt=True)
+    if not after.startswith(before):
+        raise ValueError(f"the chat template renders a conversation differently once a {role!r} message follows, so "
+                         "a reply cannot be appended to the transcript")
+    closing = before[before.rindex("a") + 1:]  # what the template writes after an assistant message's content
+    if ended_with and closing.startswith(ended_with):
+        closing = closing[len(ended_with):]
+    return closing + after[len(before):]
 
 
 def _run(fn: Callable, kwargs: dict, fut: Future) -> None:

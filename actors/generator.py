@@ -229,7 +229,7 @@ class Generator:
         them; this runs in the Ray call's thread, and the engine keeps serving other calls meanwhile."""
         from dataclasses import replace
 
-        from actors.env import load_env, step_all
+        from actors.env import chat_turn, load_env, step_all
         from core.messages import Continuation
 
         env = req.env
@@ -250,6 +250,8 @@ class Generator:
                     continue
                 if reply is None:  # the environment ended the episode
                     continue
+                if env.role:  # a chat message of that role, then the prompt for the model's next turn
+                    reply = chat_turn(tok, env.role, reply, tok.decode(list(c.token_ids[-1:])))
                 ids = tuple(tok(reply, add_special_tokens=False)["input_ids"])
                 if len(c.token_ids) + len(ids) >= req.max_new_tokens:  # no room left for the model to answer
                     out[i] = replace(c, finish_reason="length")

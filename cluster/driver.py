@@ -122,7 +122,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
             load_env(cfg.rollout.env)  # likewise for the environment
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        env = EnvSpec(cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s)
+        env = EnvSpec(cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s, cfg.rollout.env_role)
     run_dir = Path(cfg.run_dir) / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -136,6 +136,16 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     world = ensure_world(cfg, log=log)
     model_path = os.path.abspath(cfg.model.path or world.model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if env is not None and env.role:  # the chat template must take a message of that role after an assistant turn
+        from actors.env import chat_turn
+
+        if not tokenizer.chat_template:
+            raise ConfigError(f"rollout.env_role: the model's tokenizer ({model_path}) has no chat template")
+        try:
+            chat_turn(tokenizer, env.role, "check", tokenizer.eos_token or "")
+        except Exception as e:  # the template's own error (an unknown role, say) or ours
+            raise ConfigError(f"rollout.env_role: {env.role!r} does not fit the chat template of {model_path}: "
+                              f"{e}") from None
     context = AutoConfig.from_pretrained(model_path).max_position_embeddings
     check_lora_targets(model_path, cfg.learner)  # a target matching no layer fails before anything starts
     max_prompt = context - cfg.generator.max_new_tokens

@@ -220,6 +220,9 @@ class RolloutConfig:
                       "generator.max_new_tokens bounds the whole episode, model and environment tokens together.",
                   lambda v: None if not v or ":" in v else f"must be 'module:function', got {v!r}")
     max_turns: int = _f(3, "Multi-turn (rollout.env set): most model turns per episode.", positive)
+    env_role: str = _f("", "Multi-turn with a chat model: wrap each environment reply as a message of this role "
+                           "(user, tool, ...) with the model's chat template, plus the prompt for the next assistant "
+                           "turn. Empty = append the reply as it is.")
 
 
 @dataclass
@@ -546,6 +549,8 @@ def validate(cfg: Config) -> Config:
     if cfg.rollout.env and cfg.rollout.partial_rollout_tokens:
         raise ConfigError("rollout.partial_rollout_tokens: partial rollouts do not combine with multi-turn episodes "
                           "(rollout.env); set one of them to its default")
+    if cfg.rollout.env_role and not cfg.rollout.env:
+        raise ConfigError("rollout.env_role: only read with a multi-turn environment (rollout.env)")
     if cfg.rollout.env and cfg.rollout.max_turns < 2:
         raise ConfigError(f"rollout.max_turns: a multi-turn environment (rollout.env) needs at least 2 turns, got "
                           f"{cfg.rollout.max_turns}")

@@ -66,6 +66,9 @@ class EnvSpec:
     function: str
     max_turns: int
     step_timeout_s: float
+    role: str = ""
+    """Chat models: wrap each reply as a message of this role with the model's chat template (actors.env.chat_turn).
+    Empty: the reply is appended as it is."""
 
 
 _MASK64 = (1 << 64) - 1

@@ -211,3 +211,12 @@ def test_train_multi_turn_example(tmp_path):
     assert all(1.0 <= r["reward/turns"] <= 3.0 for r in rows[1:])
     summary = json.loads((tmp_path / "mt" / "summary.json").read_text())
     assert summary["accounting"]["prompts_trained"] == 16 and summary["accounting"]["env_failures"] == {}
+
+
+def test_env_role_needs_a_chat_template_and_fails_before_ray(tmp_path):
+    """rollout.env_role wraps replies with the model's chat template; the built-in character-level model has none."""
+    out = _run(["train", "--rollout.env=envs.builtin:reverse_rest", "--rollout.env_role=user",
+                "--generator.max_new_tokens=32", f"--run_dir={tmp_path}"], 300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "config error: rollout.env_role: the model's tokenizer" in out.stderr and "no chat template" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout

@@ -254,6 +254,7 @@ def test_multi_turn_environment_settings():
     assert "multi-turn" in expect_error("rollout.partial_rollout_tokens", [
         "rollout.env=envs.builtin:reverse_rest", "rollout.partial_rollout_tokens=4", "generator.max_new_tokens=32"])
     expect_error("timeouts.env_step_s", ["timeouts.env_step_s=0"])
+    assert "rollout.env" in expect_error("rollout.env_role", ["rollout.env_role=user"])
     cfg = load_config(None, ["rollout.env=envs.builtin:reverse_rest", "rollout.max_turns=2"])
     assert (cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s) == ("envs.builtin:reverse_rest", 2, 10.0)
     assert load_config(None, []).rollout.env == ""  # one turn by default

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-from actors.env import load_env, step_all
+import pytest
+
+from actors.env import chat_turn, load_env, step_all
 from core.messages import Completion, Prompt
 from envs.builtin import answer_so_far, reverse_rest
 from reward.builtin import reverse_multiturn
@@ -86,3 +88,36 @@ def test_load_env_names_the_field():
         assert str(e).startswith("rollout.env: cannot load 'envs.builtin:nope'")
     else:
         raise AssertionError("no error")
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3 = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'tool'] %}"
+          "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{{ '<|start_header_id|>' + m['role'] + "
+          "'<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def _chat_tokenizer(tmp_path, template):
+    from transformers import AutoTokenizer
+
+    from cluster.world import build_tokenizer
+
+    build_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok.chat_template = template
+    return tok
+
+
+def test_chat_turn_continues_the_transcript_as_the_template_renders_it(tmp_path):
+    chatml = _chat_tokenizer(tmp_path / "chatml", CHATML)
+    # the model's turn ended on <|im_end|>: the template's newline after it, the tool message, the next prompt
+    assert chat_turn(chatml, "tool", "42", "<|im_end|>") == "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+    # ended on some other token: the template's whole closing comes first
+    assert chat_turn(chatml, "user", "again", "</s>") == \
+        "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    llama = _chat_tokenizer(tmp_path / "llama", LLAMA3)
+    assert chat_turn(llama, "tool", "42", "<|eot_id|>") == \
+        "<|start_header_id|>tool<|end_header_id|>\n\n42<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    with pytest.raises(Exception, match="unknown role system2"):  # the template's own check
+        chat_turn(llama, "system2", "x", "<|eot_id|>")
