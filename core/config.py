@@ -375,7 +375,9 @@ class TimeoutConfig:
     train_s: float = _f(600.0, "One learner update.", positive)
     sync_s: float = _f(120.0, "One weight sync.", positive)
     env_step_s: float = _f(10.0, "Multi-turn: one environment step (for all of a request's episodes at once); an "
-                                 "episode whose step misses it ends, and its group is dropped (env_failed).", positive)
+                                 "episode whose step misses it ends, and its group is dropped (env_failed). A whole episode runs in one "
+                                 "generate call: env_step_s x (rollout.max_turns - 1) must stay below generate_s.",
+                      positive)
 
 
 @dataclass
@@ -554,6 +556,12 @@ def validate(cfg: Config) -> Config:
     if cfg.rollout.env and cfg.rollout.max_turns < 2:
         raise ConfigError(f"rollout.max_turns: a multi-turn environment (rollout.env) needs at least 2 turns, got "
                           f"{cfg.rollout.max_turns}")
+    t = cfg.timeouts
+    if cfg.rollout.env and t.env_step_s * (cfg.rollout.max_turns - 1) >= t.generate_s:
+        raise ConfigError(
+            f"timeouts.env_step_s: {t.env_step_s}s x {cfg.rollout.max_turns - 1} environment steps (rollout.max_turns="
+            f"{cfg.rollout.max_turns}) must stay below timeouts.generate_s={t.generate_s}s, or a slow environment "
+            f"would get its generator replaced as if it had hung")
     if cfg.task.max_word_length and cfg.task.max_word_length <= cfg.task.word_length:
         raise ConfigError(f"task.max_word_length: must be > task.word_length ({cfg.task.word_length}; 0 = fixed "
                           f"length), got {cfg.task.max_word_length}")

@@ -255,6 +255,9 @@ def test_multi_turn_environment_settings():
         "rollout.env=envs.builtin:reverse_rest", "rollout.partial_rollout_tokens=4", "generator.max_new_tokens=32"])
     expect_error("timeouts.env_step_s", ["timeouts.env_step_s=0"])
     assert "rollout.env" in expect_error("rollout.env_role", ["rollout.env_role=user"])
+    # whole episodes run inside one generate call: their environment steps must fit its deadline
+    assert "timeouts.generate_s=300.0" in expect_error("timeouts.env_step_s", [
+        "rollout.env=envs.builtin:reverse_rest", "rollout.max_turns=4", "timeouts.env_step_s=100"])
     cfg = load_config(None, ["rollout.env=envs.builtin:reverse_rest", "rollout.max_turns=2"])
     assert (cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s) == ("envs.builtin:reverse_rest", 2, 10.0)
     assert load_config(None, []).rollout.env == ""  # one turn by default
