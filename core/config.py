@@ -375,9 +375,9 @@ class TimeoutConfig:
     train_s: float = _f(600.0, "One learner update.", positive)
     sync_s: float = _f(120.0, "One weight sync.", positive)
     env_step_s: float = _f(10.0, "Multi-turn: one environment step (for all of a request's episodes at once); an "
-                                 "episode whose step misses it ends, and its group is dropped (env_failed). A whole episode runs in one "
-                                 "generate call: env_step_s x (rollout.max_turns - 1) must stay below generate_s.",
-                      positive)
+                                 "episode whose step misses it ends, and its group is dropped (env_failed). A whole "
+                                 "episode runs in one generate call: env_step_s x (rollout.max_turns - 1) must stay "
+                                 "below generate_s.", positive)
 
 
 @dataclass
