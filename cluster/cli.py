@@ -26,7 +26,11 @@ from core.config import ConfigError, help_text, load_config, to_dict
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relayrl", description="Distributed RL fine-tuning of language models on Ray + vLLM.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, desc in (("train", "Run a training job."), ("config", "Print the resolved, validated config.")):
+    for name, desc in (("train", "Run a training job."), ("config", "Print the resolved, validated config."),
+                       ("eval", "Evaluate a model folder (--model.path; default: the built-in warm start) on the "
+                                "held-out prompts as a job does: greedy accuracy by the job's reward, pass@k with "
+                                "--eval_samples, multi-turn episodes with --rollout.env. Prints JSON on stdout "
+                                "(progress on stderr); trains and writes nothing.")):
         s = sub.add_parser(name, help=desc, description=desc + "\n\nConfig fields (override as --key=value):\n" + help_text(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--config", help="YAML config file (fields as below, nested by section).")
@@ -162,13 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serving {cfg.reward.function} on http://{args.host}:{args.port}/score", flush=True)
         serve(cfg.reward, args.host, args.port, args.max_body_bytes)
         return 0
-    from cluster.driver import run
+    from cluster.driver import evaluate_model, run
 
     from cluster.data import DatasetError
 
     if cfg.ray_address:
         client_auth_env()  # a client of an existing cluster; before run() imports ray
     try:
+        if args.cmd == "eval":
+            import json
+
+            result = evaluate_model(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+            print(json.dumps(result, indent=2), flush=True)
+            return 0
         summary = run(cfg, log=lambda msg: print(msg, flush=True), resume=bool(args.resume))
     except DatasetError as e:  # raised before Ray or vLLM start
         print(f"relayrl: data error: {e}", file=sys.stderr)

@@ -100,8 +100,6 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     import ray
     from transformers import AutoConfig, AutoTokenizer
 
-    from actors.generator import EngineSettings
-    from actors.pool import GeneratorPool
     from cluster.control import start_control
     from cluster.metrics import MetricsLog, RayMetrics, plot_run
     from cluster.rollout import Accounting, Rollout
@@ -114,15 +112,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
 
     t_start = time.monotonic()
     check_source(cfg.reward)  # a bad import path (function or component) fails before anything starts
-    env = None
-    if cfg.rollout.env:
-        from actors.env import load_env
-
-        try:
-            load_env(cfg.rollout.env)  # likewise for the environment
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        env = EnvSpec(cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s, cfg.rollout.env_role)
+    env = env_spec(cfg)
     run_dir = Path(cfg.run_dir) / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -136,16 +126,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     world = ensure_world(cfg, log=log)
     model_path = os.path.abspath(cfg.model.path or world.model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if env is not None and env.role:  # the chat template must take a message of that role after an assistant turn
-        from actors.env import chat_turn
-
-        if not tokenizer.chat_template:
-            raise ConfigError(f"rollout.env_role: the model's tokenizer ({model_path}) has no chat template")
-        try:
-            chat_turn(tokenizer, env.role, "check", tokenizer.eos_token or "")
-        except Exception as e:  # the template's own error (an unknown role, say) or ours
-            raise ConfigError(f"rollout.env_role: {env.role!r} does not fit the chat template of {model_path}: "
-                              f"{e}") from None
+    check_env_role(env, tokenizer, model_path)
     context = AutoConfig.from_pretrained(model_path).max_position_embeddings
     check_lora_targets(model_path, cfg.learner)  # a target matching no layer fails before anything starts
     max_prompt = context - cfg.generator.max_new_tokens
@@ -159,20 +140,12 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     _init_ray(cfg, log)
     log(f"ray: {ray.get_runtime_context().gcs_address} (relayrl status / scale / stop --address=...)")
     t_ray = time.monotonic()
-    settings = EngineSettings(model_path=model_path, max_model_len=min(context, max(64, max_len)), kv_cache_gib=cfg.generator.kv_cache_gib,
-                              gpu_memory_utilization=cfg.generator.gpu_memory_utilization,
-                              enforce_eager=cfg.generator.enforce_eager, seed=cfg.seed, dtype=cfg.generator.dtype,
-                              # log-probs of the distribution the samples come from (tempered, truncated)
-                              tempered_logprobs=not sampling_is_plain(cfg.generator))
     to, ro = cfg.timeouts, cfg.rollout
     control = start_control()
     learners = LearnerGroup(cfg, model_path, PAD)  # learner.data_parallel ranks; rank 0 publishes and saves
     learner = learners.lead
     rewards = RewardPool(cfg.reward, timeout_s=to.reward_s, log=log)
-    pool = GeneratorPool(settings, cfg.generator.num_cpus, cfg.generator.num_gpus, to.startup_s, to.generate_s, to.sync_s,
-                         log=log, max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync,
-                         inflight_updates=ro.inflight_updates,
-                         resources=parse_resources(cfg.generator.resources))
+    pool = generator_pool(cfg, model_path, min(context, max(64, max_len)), log)
     saved = json.loads((ckpt / "driver.json").read_text()) if ckpt else None
     if saved:  # metrics logged after the checkpoint belong to the lost attempt
         _truncate_metrics(run_dir / "metrics.jsonl", saved["step"])
@@ -306,6 +279,96 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
         f"in {summary['wall_seconds']:.0f}s; prompts {summary['accounting']}")
     log(f"run directory: {run_dir}")
     return summary
+
+
+def env_spec(cfg: Config) -> EnvSpec | None:
+    """rollout.env as the generators get it, its import path checked here (a typo fails before anything starts)."""
+    if not cfg.rollout.env:
+        return None
+    from actors.env import load_env
+
+    try:
+        load_env(cfg.rollout.env)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return EnvSpec(cfg.rollout.env, cfg.rollout.max_turns, cfg.timeouts.env_step_s, cfg.rollout.env_role)
+
+
+def check_env_role(env: EnvSpec | None, tokenizer, model_path: str) -> None:
+    """rollout.env_role: the model's chat template must take a message of that role after an assistant turn."""
+    if env is None or not env.role:
+        return
+    from actors.env import chat_turn
+
+    if not tokenizer.chat_template:
+        raise ConfigError(f"rollout.env_role: the model's tokenizer ({model_path}) has no chat template")
+    try:
+        chat_turn(tokenizer, env.role, "check", tokenizer.eos_token or "")
+    except Exception as e:  # the template's own error (an unknown role, say) or ours
+        raise ConfigError(f"rollout.env_role: {env.role!r} does not fit the chat template of {model_path}: {e}") from None
+
+
+def generator_pool(cfg: Config, model_path: str, max_model_len: int, log):
+    """The job's GeneratorPool (not started) serving MODEL_PATH."""
+    from actors.generator import EngineSettings
+    from actors.pool import GeneratorPool
+
+    g, to, ro = cfg.generator, cfg.timeouts, cfg.rollout
+    settings = EngineSettings(model_path=model_path, max_model_len=max_model_len, kv_cache_gib=g.kv_cache_gib,
+                              gpu_memory_utilization=g.gpu_memory_utilization, enforce_eager=g.enforce_eager,
+                              seed=cfg.seed, dtype=g.dtype,
+                              # log-probs of the distribution the samples come from (tempered, truncated)
+                              tempered_logprobs=not sampling_is_plain(g))
+    return GeneratorPool(settings, g.num_cpus, g.num_gpus, to.startup_s, to.generate_s, to.sync_s, log=log,
+                         max_restarts=ro.max_generator_restarts, verify_sync=ro.verify_sync,
+                         inflight_updates=ro.inflight_updates, resources=parse_resources(g.resources))
+
+
+def evaluate_model(cfg: Config, log=print) -> dict:
+    """`relayrl eval`: the held-out evaluation a job runs, on any model folder (model.path; empty = the built-in
+    world's warm start): greedy accuracy judged by the job's reward, pass@k with eval_samples, multi-turn
+    episodes with rollout.env. Local Ray (or ray_address), generator.num_generators generators, the reward
+    actors; nothing is trained or written."""
+    import ray
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cluster.data import load_prompts
+    from cluster.evaluation import evaluate
+    from cluster.world import encode, ensure_world
+    from reward.pool import RewardPool
+    from reward.worker import check_source
+
+    t0 = time.monotonic()
+    check_source(cfg.reward)
+    env = env_spec(cfg)
+    world = ensure_world(cfg, log=log)
+    model_path = os.path.abspath(cfg.model.path or world.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_env_role(env, tokenizer, model_path)
+    context = AutoConfig.from_pretrained(model_path).max_position_embeddings
+    held = load_prompts(cfg.task.heldout_dataset or world.heldout_path, tokenizer, encode,
+                        context - cfg.generator.max_new_tokens)
+    heldout = [Prompt(-1 - i, text, ids, answer) for i, (text, ids, answer) in enumerate(held)]
+    max_len = max(len(p.token_ids) for p in heldout) + cfg.generator.max_new_tokens
+    own_ray = not ray.is_initialized() and not cfg.ray_address  # a local instance of its own, ended with it
+    _init_ray(cfg, log)
+    rewards = RewardPool(cfg.reward, timeout_s=cfg.timeouts.reward_s, log=log)
+    pool = generator_pool(cfg, model_path, min(context, max(64, max_len)), log)
+    try:
+        pool.start(cfg.generator.num_generators)
+        rewards.wait_ready()
+        ks = tuple(sorted({1, cfg.eval_pass_k})) if cfg.eval_samples else ()
+        t1 = time.monotonic()
+        out = evaluate(pool, rewards, heldout, cfg.generator.max_new_tokens, cfg.eval_correct_threshold,
+                       cfg.eval_samples, ks, env)
+        return {"model": model_path, "heldout": cfg.task.heldout_dataset or world.heldout_path,
+                "heldout_prompts": len(heldout), **{k.removeprefix("eval/"): v for k, v in out.items()},
+                "eval_seconds": time.monotonic() - t1, "wall_seconds": time.monotonic() - t0}
+    finally:
+        pool.shutdown()
+        rewards.shutdown()
+        if own_ray:
+            ray.shutdown()
 
 
 def sampling_is_plain(gc) -> bool:

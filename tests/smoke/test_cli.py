@@ -104,6 +104,18 @@ def test_train_tiny_budget_end_to_end(tmp_path):
     tok = AutoTokenizer.from_pretrained(run / "final_model")
     assert model.config.model_type == "llama" and tok.eos_token == "</s>"
 
+    # `relayrl eval` on the saved model: the job's last evaluation, number for number (same weights, same greedy
+    # and seeded sampled decoding, same reward); JSON alone on stdout
+    ev = _run(["eval", f"--model.path={run / 'final_model'}", "--generator.num_generators=1", "--eval_samples=4",
+               "--eval_pass_k=4"], 600)
+    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+    got = json.loads(ev.stdout)
+    assert got["model"] == str(run / "final_model") and got["heldout_prompts"] == 256
+    for key in ("heldout_accuracy", "pass@1", "pass@4"):
+        assert got[key] == rows[-1][f"eval/{key}"], key
+    assert rows[-1]["eval/heldout_accuracy"] != rows[0]["eval/heldout_accuracy"] or \
+        rows[-1]["eval/pass@1"] != rows[0]["eval/pass@1"]  # training moved it: the equality above says something
+
 
 def test_status_scale_and_stop_a_running_job(tmp_path):
     """`relayrl status`, `relayrl scale` and `relayrl stop` against a `relayrl train` running in another process."""
