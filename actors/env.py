@@ -27,10 +27,8 @@ it is abandoned (the thread is a daemon) and the generator goes on.
 from __future__ import annotations
 
 import threading
-import time
 import traceback
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout  # the builtin TimeoutError only from Python 3.11
+from concurrent.futures import Future, wait
 from typing import Callable
 
 from core.messages import Completion, EnvSpec
@@ -68,29 +66,30 @@ def _run(fn: Callable, kwargs: dict, fut: Future) -> None:
         fut.set_exception(e)
 
 
+def start_step(fn: Callable, c: Completion) -> Future:
+    """Ask the environment about sample C in a daemon thread of its own; the future holds its reply."""
+    fut: Future = Future()
+    kwargs = dict(prompt=c.prompt.text, completion=c.text, answer=c.prompt.answer, turn=c.turns)
+    threading.Thread(target=_run, args=(fn, kwargs, fut), daemon=True, name="relayrl-env").start()
+    return fut
+
+
+def step_outcome(fut: Future, timeout_s: float) -> tuple[str | None, str]:
+    """(reply or None, failure or '') of a finished step (or one given up on: failure 'timeout: ...')."""
+    if not fut.done():
+        return None, f"timeout: no reply within timeouts.env_step_s={timeout_s}s"
+    try:
+        reply = fut.result()
+    except BaseException as e:  # noqa: BLE001
+        return None, f"exception: {traceback.format_exception_only(type(e), e)[-1].strip()}"
+    if reply is not None and not isinstance(reply, str):
+        return None, f"type: the environment returned {type(reply).__name__}, expected str or None"
+    return reply, ""
+
+
 def step_all(fn: Callable, samples: list[Completion], timeout_s: float) -> list[tuple[str | None, str]]:
-    """Ask the environment about every sample at once (one daemon thread each), all under one deadline.
-    Returns (reply or None, failure or '') per sample, in order."""
-    futs: list[Future] = []
-    for c in samples:
-        fut: Future = Future()
-        kwargs = dict(prompt=c.prompt.text, completion=c.text, answer=c.prompt.answer, turn=c.turns)
-        threading.Thread(target=_run, args=(fn, kwargs, fut), daemon=True, name="relayrl-env").start()
-        futs.append(fut)
-    out: list[tuple[str | None, str]] = []
-    deadline = time.monotonic() + timeout_s
-    for fut in futs:
-        try:
-            reply = fut.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout:
-            out.append((None, f"timeout: no reply within timeouts.env_step_s={timeout_s}s"))
-            continue
-        except BaseException as e:  # noqa: BLE001
-            tb = traceback.format_exception_only(type(e), e)[-1].strip()
-            out.append((None, f"exception: {tb}"))
-            continue
-        if reply is not None and not isinstance(reply, str):
-            out.append((None, f"type: the environment returned {type(reply).__name__}, expected str or None"))
-            continue
-        out.append((reply, ""))
-    return out
+    """Ask the environment about every sample at once, all under one deadline. Returns (reply or None, failure or
+    '') per sample, in order."""
+    futs = [start_step(fn, c) for c in samples]
+    wait(futs, timeout=timeout_s)
+    return [step_outcome(f, timeout_s) for f in futs]

@@ -225,53 +225,71 @@ class Generator:
         """Multi-turn: while a sample's turn ended on its own (finish_reason stop) with turns and tokens to spare,
         ask the environment (actors/env.py) for its reply, append the reply's tokens (loss_mask 0, log-prob 0.0)
         and continue the sample from there as a new vLLM request, seeded by its slot and length like a partial
-        rollout's continuation. All samples still going take their next turn together, so the engine batches
-        them; this runs in the Ray call's thread, and the engine keeps serving other calls meanwhile."""
+        rollout's continuation. Each episode goes on as soon as its own reply is in: a slow environment step holds
+        back its own episode only, and the engine batches whatever turns are running at the time. This runs in
+        the Ray call's thread; the engine thread keeps serving other calls meanwhile."""
+        from concurrent.futures import FIRST_COMPLETED, wait
         from dataclasses import replace
 
-        from actors.env import chat_turn, load_env, step_all
+        from actors.env import chat_turn, load_env, start_step, step_outcome
         from core.messages import Continuation
 
         env = req.env
         fn = self._envs.get(env.function) or self._envs.setdefault(env.function, load_env(env))
         tok = self.llm.get_tokenizer()
         slot = [j for _ in req.prompts for j in range(req.n)] + [k.index for k in req.continuations]
-        live = list(range(len(out)))
-        while live:
-            asking = [i for i in live if out[i].finish_reason == "stop" and out[i].turns < env.max_turns
-                      and len(out[i].token_ids) < req.max_new_tokens]
-            conts: list[Continuation] = []
-            going: list[int] = []
-            for i, (reply, failure) in zip(asking, step_all(fn, [out[i] for i in asking], env.step_timeout_s)):
-                c = out[i]
-                if failure:
-                    self.env_failures += 1
-                    out[i] = replace(c, env_failure=failure)
-                    continue
-                if reply is None:  # the environment ended the episode
-                    continue
-                if env.role:  # a chat message of that role, then the prompt for the model's next turn
-                    reply = chat_turn(tok, env.role, reply, tok.decode(list(c.token_ids[-1:])))
-                ids = tuple(tok(reply, add_special_tokens=False)["input_ids"])
-                if len(c.token_ids) + len(ids) >= req.max_new_tokens:  # no room left for the model to answer
-                    out[i] = replace(c, finish_reason="length")
-                    continue
-                n = len(c.token_ids)
-                conts.append(Continuation(replace(
-                    c, token_ids=c.token_ids + ids, logprobs=c.logprobs + (0.0,) * len(ids),
-                    loss_mask=(c.loss_mask or (1,) * n) + (0,) * len(ids), turns=c.turns + 1,
-                    # reply tokens carry the version of the turn they answer: they sample nothing
-                    token_versions=(c.token_versions or (c.policy_version,) * n)
-                    + ((c.token_versions or (c.policy_version,))[-1],) * len(ids)),
-                    slot[i]))
-                going.append(i)
-            if not conts:
-                break
-            nxt = GenerateRequest((), 1, req.temperature, req.max_new_tokens, seed=req.seed, continuations=tuple(conts),
+        asked: dict[Future, tuple[int, float]] = {}  # environment step -> (sample, when it was asked)
+        turns: dict[Future, tuple[int, GenerateRequest]] = {}  # the model's next turn -> (sample, its request)
+
+        def ask(i: int) -> None:
+            c = out[i]
+            if c.finish_reason == "stop" and c.turns < env.max_turns and len(c.token_ids) < req.max_new_tokens:
+                asked[start_step(fn, c)] = (i, time.monotonic())
+
+        def answer(i: int, fut: Future) -> None:
+            c = out[i]
+            reply, failure = step_outcome(fut, env.step_timeout_s)
+            if failure:
+                self.env_failures += 1
+                out[i] = replace(c, env_failure=failure)
+                return
+            if reply is None:  # the environment ended the episode
+                return
+            if env.role:  # a chat message of that role, then the prompt for the model's next turn
+                reply = chat_turn(tok, env.role, reply, tok.decode(list(c.token_ids[-1:])))
+            ids = tuple(tok(reply, add_special_tokens=False)["input_ids"])
+            if len(c.token_ids) + len(ids) >= req.max_new_tokens:  # no room left for the model to answer
+                out[i] = replace(c, finish_reason="length")
+                return
+            n = len(c.token_ids)
+            k = Continuation(replace(
+                c, token_ids=c.token_ids + ids, logprobs=c.logprobs + (0.0,) * len(ids),
+                loss_mask=(c.loss_mask or (1,) * n) + (0,) * len(ids), turns=c.turns + 1,
+                # reply tokens carry the version of the turn they answer: they sample nothing
+                token_versions=(c.token_versions or (c.policy_version,) * n)
+                + ((c.token_versions or (c.policy_version,))[-1],) * len(ids)), slot[i])
+            nxt = GenerateRequest((), 1, req.temperature, req.max_new_tokens, seed=req.seed, continuations=(k,),
                                   top_p=req.top_p, top_k=req.top_k)
-            for i, c in zip(going, self.completions(nxt, self.submit_generate(nxt).result())):
-                out[i] = c
-            live = going
+            turns[self.submit_generate(nxt)] = (i, nxt)
+
+        for i in range(len(out)):
+            ask(i)
+        while asked or turns:
+            due = min((t0 + env.step_timeout_s for _, t0 in asked.values()), default=None)
+            done, _ = wait([*asked, *turns], return_when=FIRST_COMPLETED,
+                           timeout=None if due is None else max(0.0, due - time.monotonic()))
+            for fut in done:
+                if fut in turns:
+                    i, nxt = turns.pop(fut)
+                    out[i] = self.completions(nxt, fut.result())[0]
+                    ask(i)
+                else:
+                    answer(asked.pop(fut)[0], fut)
+            now = time.monotonic()
+            for fut, (i, t0) in list(asked.items()):  # given up on: its thread is abandoned (actors/env.py)
+                if now - t0 >= env.step_timeout_s:
+                    del asked[fut]
+                    answer(i, fut)
         return out
 
     def submit_generate(self, req: GenerateRequest) -> Future:

@@ -10,7 +10,7 @@ import json
 import pytest
 import ray
 
-from core.messages import EnvSpec
+from core.messages import EnvSpec, GenerateRequest
 from envs.builtin import answer_so_far, reverse_rest
 from tests._jobs import Job, check_accounting, small_job
 from tests._weights import checkpoint_handle
@@ -127,6 +127,20 @@ def test_environment_failures_end_their_episode_and_are_reported(served, heldout
     assert after - before == failed
     # the generators carry on serving
     assert len(served.generate(prompts[:2], n=1, temperature=0.0, max_new_tokens=8, seed=0)) == 2
+
+
+def test_an_episode_goes_on_without_waiting_for_the_other_episodes_replies(served, heldout_prompts):
+    """Episodes are not in lockstep: while some episodes' replies are still pending, the others take their next
+    turns (tests._envs.waits_for_others would fail every 'a' episode otherwise)."""
+    slow = [p for p in heldout_prompts if p.answer[0] == "a"][:8]
+    fast = [p for p in heldout_prompts if p.answer[0] != "a"][:8]
+    spec = EnvSpec("tests._envs:waits_for_others", max_turns=3, step_timeout_s=30)
+    actor = served.actors[sorted(served.actors)[0]]  # one generator: the episodes share its process
+    eps = ray.get(actor.generate.remote(GenerateRequest(tuple(slow + fast), 1, 0.0, MAX_NEW, seed=0, env=spec)),
+                  timeout=120)
+    assert all(c.env_failure == "" for c in eps), [c.env_failure for c in eps if c.env_failure]
+    assert any(c.turns >= 2 for c in eps[:len(slow)])  # a slow episode did wait for its reply, and went on
+    assert any(c.turns >= 2 for c in eps[len(slow):])
 
 
 def test_an_async_job_trains_on_episodes_and_drops_groups_an_environment_failed_in(tmp_path, default_cfg,
