@@ -10,9 +10,10 @@ An environment is a plain function, named by import path in `rollout.env`:
 - `turn`: how many turns the model has taken (1 after its first answer).
 
 It returns the text to append, which the model then continues from (a tool's output, a judge's feedback, a
-user's next message), or None to end the episode. It is called with these four keywords. The environment keeps no state between calls: everything it needs is in its arguments, so an
-episode replays exactly from its seed and can move to another generator. Reply tokens are appended as the
-tokenizer encodes the text (no special tokens added) and are never trained on (`Completion.loss_mask`).
+user's next message), or None to end the episode. It is called with these four keywords. It keeps no state
+between calls: everything it needs is in its arguments, so an episode replays exactly from its seed. Reply tokens
+are appended as the tokenizer encodes the text (no special tokens added) and are never trained on
+(`Completion.loss_mask`).
 
 For chat models, `rollout.env_role=user` (or `tool`, or any role the model's chat template knows) wraps each reply
 as a message of that role with the chat template, followed by the template's prompt for the next assistant turn
