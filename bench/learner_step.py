@@ -66,7 +66,7 @@ def _groups(prompts: int, group: int, seed: int):
     return out
 
 
-def _learner(path: str, variant: str, threads: int, estimator: str):
+def _learner(path: str, variant: str, threads: int, estimator: str, gpu: bool = False):
     from core.config import AlgoConfig, LearnerConfig
     from learner.actor import Learner
 
@@ -79,7 +79,8 @@ def _learner(path: str, variant: str, threads: int, estimator: str):
     dtype = "bfloat16" if variant.startswith("bf16") else "float32"
     learner = Learner(path, algo, LearnerConfig(torch_threads=threads, shared_prefix=variant != "plain",
                                                 skip_zero_advantage=variant != "plain", compute_dtype=dtype,
-                                                lora_rank=lora, lora_alpha=2.0 * max(lora, 1)), 100, 0)
+                                                lora_rank=lora, lora_alpha=2.0 * max(lora, 1),
+                                                num_gpus=1.0 if gpu else 0.0), 100, 0)
     if variant == "bf16, SDPA attention":  # what the learner would run without its eager-attention choice
         for model in (learner.policy, learner.critic and learner.critic.body):
             if model is not None:
@@ -117,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                    "torch.compile'd (with --bf16: the bf16 learner); the compiling first update is reported apart.")
     p.add_argument("--lora", type=int, default=0, metavar="R", help="The CPU default against the same with LoRA "
                    "adapters of rank R (learner.lora_rank) on every linear layer.")
+    p.add_argument("--gpu", action="store_true", help="Run the learner on CUDA (learner.num_gpus=1). Needs neither "
+                   "Ray nor vLLM, so it runs where only torch and transformers are installed.")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu: torch sees no CUDA device")
 
     if args.compile:
         base = "bf16" if args.bf16 else "+ sampler"
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         variants = BF16_VARIANTS if args.bf16 else VARIANTS
     path, params = _model(args.model)
-    learners = {v: _learner(path, v, args.threads, args.estimator) for v in variants}
+    learners = {v: _learner(path, v, args.threads, args.estimator, args.gpu) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     first: dict[str, float] = {}
     for rep in range(args.repeats + 1):
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             groups = _groups(args.prompts, args.group, seed=rep)
             t0 = time.perf_counter()
             learner.train_step(groups)
+            if args.gpu:  # the optimizer step's kernels may still be queued
+                torch.cuda.synchronize()
             if rep:  # the first round is warm-up
                 times[v].append(time.perf_counter() - t0)
             else:
@@ -151,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         cols += [("trainable_m", "trained params (M)", ".2f"), ("adam_mb", "AdamW state MiB", ".1f")]
     md = table(rows, cols)
     md += (f"\n\nEstimator: {args.estimator}. Model: {args.model} ({params / 1e6:.2f}M parameters), {args.prompts} prompts x {args.group} samples, "
-           f"7-token prompts, 6-token completions, 2 minibatches, micro-batch 64, {args.threads} torch threads.")
+           f"7-token prompts, 6-token completions, 2 minibatches, micro-batch 64, "
+           + ("on CUDA." if args.gpu else f"{args.threads} torch threads."))
     print(md)
     suffix = (("" if args.model == "large" else f"_{args.model}") + ("" if args.estimator == "grpo" else f"_{args.estimator}")
               + ("_bf16" if args.bf16 else "") + ("_compile" if args.compile else "")
-              + (f"_lora{args.lora}" if args.lora else ""))
+              + (f"_lora{args.lora}" if args.lora else "") + ("_gpu" if args.gpu else ""))
     out = write_results(f"learner_step{suffix}", {"args": vars(args), "params": params, "rows": rows,
                                                   "times": times}, md, args.results_dir)
     print(f"results: {out}")
