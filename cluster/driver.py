@@ -104,7 +104,6 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     from cluster.metrics import MetricsLog, RayMetrics, plot_run
     from cluster.rollout import Accounting, Rollout
     from cluster.data import load_prompts
-    from cluster.evaluation import evaluate
     from cluster.world import PAD, encode, ensure_world
     from reward.pool import RewardPool
     from reward.policy import component_means
@@ -145,7 +144,7 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
     learners = LearnerGroup(cfg, model_path, PAD)  # learner.data_parallel ranks; rank 0 publishes and saves
     learner = learners.lead
     rewards = RewardPool(cfg.reward, timeout_s=to.reward_s, log=log)
-    pool = generator_pool(cfg, model_path, min(context, max(64, max_len)), log)
+    pool = generator_pool(cfg, model_path, context, max_len, log)
     saved = json.loads((ckpt / "driver.json").read_text()) if ckpt else None
     if saved:  # metrics logged after the checkpoint belong to the lost attempt
         _truncate_metrics(run_dir / "metrics.jsonl", saved["step"])
@@ -159,11 +158,9 @@ def run(cfg: Config, log=print, resume: bool = False) -> dict:
                       chunk_tokens=ro.partial_rollout_tokens, env=env, top_p=cfg.generator.top_p,
                       top_k=cfg.generator.top_k, log=log)
     loop = _Loop(cfg, pool, rollout, stream, learners, control, log, run_dir)
-    ks = tuple(sorted({1, cfg.eval_pass_k})) if cfg.eval_samples else ()
 
     def evaluate_now() -> dict[str, float]:
-        return evaluate(pool, rewards, heldout, cfg.generator.max_new_tokens, cfg.eval_correct_threshold,
-                        cfg.eval_samples, ks, env)
+        return evaluate_heldout(cfg, pool, rewards, heldout, env)
     try:
         learners.join(to.startup_s)
         if saved:
@@ -308,14 +305,25 @@ def check_env_role(env: EnvSpec | None, tokenizer, model_path: str) -> None:
         raise ConfigError(f"rollout.env_role: {env.role!r} does not fit the chat template of {model_path}: {e}") from None
 
 
-def generator_pool(cfg: Config, model_path: str, max_model_len: int, log):
-    """The job's GeneratorPool (not started) serving MODEL_PATH."""
+def evaluate_heldout(cfg: Config, pool, rewards, heldout: list[Prompt], env: EnvSpec | None) -> dict[str, float]:
+    """The job's held-out evaluation (cluster.evaluation.evaluate with the config's settings)."""
+    from cluster.evaluation import evaluate
+
+    ks = tuple(sorted({1, cfg.eval_pass_k})) if cfg.eval_samples else ()
+    return evaluate(pool, rewards, heldout, cfg.generator.max_new_tokens, cfg.eval_correct_threshold,
+                    cfg.eval_samples, ks, env)
+
+
+def generator_pool(cfg: Config, model_path: str, context: int, max_len: int, log):
+    """The job's GeneratorPool (not started) serving MODEL_PATH, whose engines fit MAX_LEN tokens (at least 64,
+    at most the model's CONTEXT)."""
     from actors.generator import EngineSettings
     from actors.pool import GeneratorPool
 
     g, to, ro = cfg.generator, cfg.timeouts, cfg.rollout
-    settings = EngineSettings(model_path=model_path, max_model_len=max_model_len, kv_cache_gib=g.kv_cache_gib,
-                              gpu_memory_utilization=g.gpu_memory_utilization, enforce_eager=g.enforce_eager,
+    settings = EngineSettings(model_path=model_path, max_model_len=min(context, max(64, max_len)),
+                              kv_cache_gib=g.kv_cache_gib, gpu_memory_utilization=g.gpu_memory_utilization,
+                              enforce_eager=g.enforce_eager,
                               seed=cfg.seed, dtype=g.dtype,
                               # log-probs of the distribution the samples come from (tempered, truncated)
                               tempered_logprobs=not sampling_is_plain(g))
@@ -333,7 +341,6 @@ def evaluate_model(cfg: Config, log=print) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from cluster.data import load_prompts
-    from cluster.evaluation import evaluate
     from cluster.world import encode, ensure_world
     from reward.pool import RewardPool
     from reward.worker import check_source
@@ -353,14 +360,12 @@ def evaluate_model(cfg: Config, log=print) -> dict:
     own_ray = not ray.is_initialized() and not cfg.ray_address  # a local instance of its own, ended with it
     _init_ray(cfg, log)
     rewards = RewardPool(cfg.reward, timeout_s=cfg.timeouts.reward_s, log=log)
-    pool = generator_pool(cfg, model_path, min(context, max(64, max_len)), log)
+    pool = generator_pool(cfg, model_path, context, max_len, log)
     try:
         pool.start(cfg.generator.num_generators)
         rewards.wait_ready()
-        ks = tuple(sorted({1, cfg.eval_pass_k})) if cfg.eval_samples else ()
         t1 = time.monotonic()
-        out = evaluate(pool, rewards, heldout, cfg.generator.max_new_tokens, cfg.eval_correct_threshold,
-                       cfg.eval_samples, ks, env)
+        out = evaluate_heldout(cfg, pool, rewards, heldout, env)
         return {"model": model_path, "heldout": cfg.task.heldout_dataset or world.heldout_path,
                 "heldout_prompts": len(heldout), **{k.removeprefix("eval/"): v for k, v in out.items()},
                 "eval_seconds": time.monotonic() - t1, "wall_seconds": time.monotonic() - t0}
